@@ -1,0 +1,5 @@
+"""``python -m bnbench`` (what torchrun runs: ``torchrun -m bnbench train ...``)."""
+
+from bnbench.cli import entry
+
+entry()

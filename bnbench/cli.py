@@ -1,0 +1,195 @@
+"""``bnbench <command>``: ``train`` (a Hydra application) and ``bench``.
+
+Overrides are composed and validated once *before* Hydra runs, so every bad input (unknown key
+or group option, wrong type, bad value, unwritable output dir) ends in one line
+``bnbench: error: …`` and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bnbench.errors import BnbenchError
+
+USAGE = """usage: bnbench <command> [args]
+
+commands:
+  train [overrides]   train a model (Hydra app: -m for sweeps, --cfg job, --help)
+                      e.g. bnbench train +norm=gn trainer.epochs=3
+  bench [options]     time each normalization layer against nn.BatchNorm2d
+
+Run 'bnbench train --help' for the config groups and keys."""
+
+#: Hydra flags that take a value (their value is not an override).
+_VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
+_NO_VALIDATION = {"--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc"}
+
+
+def fail(message: str) -> int:
+    print(f"bnbench: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def split_overrides(args: Sequence[str]) -> tuple[list[str], bool]:
+    """The override arguments among Hydra's command line, and whether it is a multirun."""
+    overrides, skip, multirun = [], False, False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides, multirun
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return err
+
+
+def _valid_keys(full_key: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    from bnbench.config import TrainConfig
+
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node = OmegaConf.structured(TrainConfig)
+    node = OmegaConf.select(node, parent) if parent else node
+    return list(node.keys()) if node is not None and hasattr(node, "keys") else []
+
+
+def describe(err: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    if isinstance(err, MissingConfigException):
+        group = (err.missing_cfg_file or "").split("/")[0]
+        name = (err.missing_cfg_file or "").split("/")[-1]
+        options = ", ".join(err.options or [])
+        return f"{group}={name}: unknown option; choose one of {options}"
+    cause = _root_cause(err)
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, ConfigKeyError) and key:
+        return f"unknown key {key}; valid keys here: {', '.join(_valid_keys(key))}"
+    if isinstance(cause, ValidationError) and key:
+        first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
+        return f"{key}: {first}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:3]) if lines else type(err).__name__
+
+
+def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override lists of every job a (multi)run will start."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    mine = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    if not multirun:
+        return [mine]
+    parsed = OverridesParser.create().parse_overrides(mine)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _check_output_dir(overrides: list[str], multirun: bool) -> None:
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith(key)]
+    target = Path(given[-1] if given else ("multirun" if multirun else "outputs")).absolute()
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BnbenchError(f"output dir {target}: not writable ({probe} is not a writable folder)")
+
+
+def validate_overrides(args: Sequence[str]) -> None:
+    """Compose the config of every job and check its values; raise BnbenchError."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bnbench.config import register, validate
+
+    overrides, multirun = split_overrides(args)
+    _check_output_dir(overrides, multirun)
+    register()
+    try:
+        jobs = _jobs(overrides, multirun)
+    except Exception as err:
+        raise BnbenchError(describe(err)) from err
+    GlobalHydra.instance().clear()
+    with initialize_config_module("bnbench.configs", version_base="1.3"):
+        for job in jobs:
+            try:
+                cfg = compose("train", overrides=job)
+            except Exception as err:  # Hydra/OmegaConf composition errors
+                raise BnbenchError(describe(err)) from err
+            validate(cfg)
+    GlobalHydra.instance().clear()
+
+
+def _train(args: list[str]) -> int:
+    from bnbench import hydra_app
+
+    if not any(a in _NO_VALIDATION for a in args):
+        try:
+            validate_overrides(args)
+        except BnbenchError as err:
+            return fail(str(err))
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Other ranks of a torchrun job write no Hydra output (rank 0 owns the run dir).
+        args = [
+            *args,
+            "hydra.output_subdir=null",
+            "hydra/job_logging=none",
+            "hydra/hydra_logging=none",
+            "hydra.run.dir=.",
+        ]
+    sys.argv = ["bnbench train", *args]
+    hydra_app.main()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    try:
+        if command == "train":
+            return _train(rest)
+        if command == "bench":
+            from bnbench.bench import main as bench_main
+
+            return bench_main(rest)
+    except BnbenchError as err:
+        return fail(str(err))
+    return fail(f"unknown command {command!r}; choose one of train, bench")
+
+
+def entry() -> None:
+    sys.exit(main())

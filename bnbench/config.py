@@ -1,0 +1,202 @@
+"""The config schema (dataclasses in Hydra's ConfigStore) and its semantic checks.
+
+Hydra composes ``configs/train.yaml`` on top of :class:`TrainConfig`, so a typo'd key or a wrong
+type fails at composition; :func:`validate` then checks values (positive sizes, norm options).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from bnbench.errors import BnbenchError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    width: float = 1.0
+    small_input: bool = False
+    zero_init_residual: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"
+    root: Optional[str] = None
+    download: bool = False
+    resolution: int = 16
+    num_train: int = 10000
+    num_val: int = 2000
+    num_classes: int = 15
+    seed: int = 0
+    pad: int = 2
+    crop_size: int = 224
+    resize_size: int = 256
+    in_memory: bool = False
+    workers: int = 4
+
+
+@dataclass
+class NormConfig:
+    """``name`` picks the registry entry; the other keys are its options (``None`` = default).
+
+    ``freeze_at_epoch`` (FrozenBN schedule), ``burnin_epochs`` (CBN burn-in in epochs) and
+    ``scale_schedule`` (BRN schedules fit to the run) are read by the trainer.
+    """
+
+    name: str = "bn"
+    eps: Optional[float] = None
+    momentum: Optional[float] = None
+    nbs: Optional[int] = None
+    eval_stats: Optional[str] = None
+    eval_nbs: Optional[int] = None
+    group_size: Optional[int] = None
+    freeze_affine: Optional[bool] = None
+    rmax: Optional[float] = None
+    dmax: Optional[float] = None
+    warmup_iters: Optional[int] = None
+    rmax_iters: Optional[int] = None
+    dmax_iters: Optional[int] = None
+    schedule_scale: Optional[float] = None
+    groups: Optional[int] = None
+    window: Optional[int] = None
+    burnin: Optional[int] = None
+    rho: Optional[float] = None
+    neg_var: Optional[str] = None
+    num_domains: Optional[int] = None
+    train_stats: Optional[str] = None
+    pop_stats: Optional[str] = None
+    affine_mode: Optional[str] = None
+    freeze_at_epoch: Optional[int] = None
+    burnin_epochs: Optional[float] = None
+    scale_schedule: bool = False
+
+
+#: NormConfig keys that are not layer options.
+RUN_KEYS = ("name", "freeze_at_epoch", "burnin_epochs", "scale_schedule")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.2  # per 256 images; scaled by the global batch (Goyal et al. 2017)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    no_wd_norm_bias: bool = True
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | step
+    warmup_epochs: float = 1.0
+    warmup_factor: float = 0.1
+    steps: list[int] = field(default_factory=lambda: [30, 60, 90])
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    batch_size: int = 64  # per process
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads; 0 = torch's default
+    bf16: bool = False
+    channels_last: bool = False
+    resume: bool = False
+    checkpoint: bool = True
+    progress: Optional[bool] = None  # None: only on a TTY
+    max_iters: int = 0  # stop after this many iterations (0 = all); for smoke tests
+
+
+@dataclass
+class PreciseConfig:
+    """PreciseBN (Rethinking §3): population statistics recomputed after training the weights."""
+
+    enabled: bool = True
+    num_samples: int = 10000
+    batch_size: int = 256
+    augment: bool = True
+    estimator: str = "population"  # population (Eq. 2) | batch_mean (Eq. 3)
+    layerwise: bool = False  # exact population statistics, layer by layer (appendix A.3)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # epochs
+    batch_size: int = 500
+
+
+@dataclass
+class DistConfig:
+    nproc: int = 1  # >1: bnbench starts this many processes itself (torchrun)
+    backend: str = "auto"  # auto | gloo | nccl
+    ema_sync: str = "average"  # average | broadcast
+    shuffle_bn: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    precise: PreciseConfig = field(default_factory=PreciseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise BnbenchError(f"{key}={value}: choose one of {', '.join(choices)}")
+
+
+def _positive(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value is None or value <= 0:
+            raise BnbenchError(f"{key}={value}: must be positive")
+
+
+def norm_options(norm: Any) -> dict[str, Any]:
+    """The layer options of a norm config (``None`` and trainer-only keys dropped)."""
+    items = OmegaConf.to_container(norm) if isinstance(norm, DictConfig) else dict(vars(norm))
+    return {k: v for k, v in items.items() if k not in RUN_KEYS and v is not None}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that the schema's types cannot express; raises :class:`BnbenchError`."""
+    from bnbench import norm as norms
+
+    _positive(
+        cfg,
+        "trainer.epochs",
+        "trainer.batch_size",
+        "optim.lr",
+        "eval.batch_size",
+        "eval.every",
+        "precise.num_samples",
+        "precise.batch_size",
+        "dist.nproc",
+        "model.width",
+    )
+    _choice("optim.schedule", cfg.optim.schedule, ("cosine", "step"))
+    _choice("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
+    _choice("precise.estimator", cfg.precise.estimator, ("population", "batch_mean"))
+    _choice("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl"))
+    _choice("dist.ema_sync", cfg.dist.ema_sync, ("average", "broadcast"))
+    if cfg.optim.weight_decay < 0 or cfg.optim.warmup_epochs < 0:
+        raise BnbenchError("optim.weight_decay and optim.warmup_epochs must be ≥ 0")
+    if not 0 <= cfg.optim.label_smoothing < 1:
+        raise BnbenchError(f"optim.label_smoothing={cfg.optim.label_smoothing}: must be in [0, 1)")
+    freeze = cfg.norm.freeze_at_epoch
+    if freeze is not None and not 0 <= freeze <= cfg.trainer.epochs:
+        raise BnbenchError(f"norm.freeze_at_epoch={freeze}: must be in [0, trainer.epochs]")
+    norms.check_options(cfg.norm.name, norm_options(cfg.norm))

@@ -1,0 +1,128 @@
+"""torchvision ResNets with two CPU-scale knobs: a width multiplier and a small-input stem.
+
+At ``width=1`` with the ImageNet stem the networks are exactly torchvision's ``resnet18`` /
+``resnet50`` (same modules, names and parameter shapes, so their state dicts load). The
+``small_input`` stem (3×3 stride-1 conv, no max-pool) is the usual CIFAR-style variant. Module
+names (``conv1``/``bn1``, ``layerK.i.convJ``/``bnJ``, ``downsample.0``/``.1``) are kept because
+Conv+CBN pairing relies on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from bnbench import norm as norms
+from bnbench.errors import BnbenchError
+
+ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet, with stage widths ``round(64·2^i·width)``."""
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: list[int],
+        num_classes: int,
+        width: float = 1.0,
+        small_input: bool = False,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        widths = [max(1, round(64 * width * 2**i)) for i in range(4)]
+        self.inplanes = widths[0]
+        self._norm_layer = norm_layer
+        if small_input:
+            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = norm_layer(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], 1)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], 2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            for m in self.modules():
+                last = (
+                    getattr(m, "bn3", None)
+                    if isinstance(m, Bottleneck)
+                    else getattr(m, "bn2", None)
+                )
+                if (
+                    isinstance(m, (BasicBlock, Bottleneck))
+                    and getattr(last, "weight", None) is not None
+                ):
+                    nn.init.zeros_(last.weight)
+
+    def _make_layer(
+        self, block: type[nn.Module], planes: int, blocks: int, stride: int
+    ) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                self._norm_layer(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, norm_layer=self._norm_layer)]
+        self.inplanes = planes * block.expansion
+        layers += [
+            block(self.inplanes, planes, norm_layer=self._norm_layer) for _ in range(1, blocks)
+        ]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x):
+        return self.fc(self.avgpool(self.forward_features(x)).flatten(1))
+
+
+def resnet(
+    arch: str,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    small_input: bool = False,
+    zero_init_residual: bool = False,
+) -> ResNet:
+    """A ResNet with plain ``nn.BatchNorm2d`` (convert it with :func:`bnbench.norm.convert`)."""
+    if arch not in ARCHS:
+        raise BnbenchError(f"model.arch={arch}: choose one of {', '.join(ARCHS)}")
+    if width <= 0:
+        raise BnbenchError(f"model.width={width}: must be positive")
+    block, layers = ARCHS[arch]
+    return ResNet(
+        block, layers, num_classes, width, small_input, zero_init_residual=zero_init_residual
+    )
+
+
+def build_model(
+    model_cfg: Any, norm_name: str, norm_options: dict[str, Any], num_classes: int
+) -> nn.Module:
+    """Model from config: the architecture, then the normalization swapped in by the registry."""
+    model = resnet(
+        model_cfg.arch,
+        num_classes,
+        width=model_cfg.width,
+        small_input=model_cfg.small_input,
+        zero_init_residual=model_cfg.zero_init_residual,
+    )
+    return norms.convert(model, norm_name, **norm_options)

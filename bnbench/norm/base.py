@@ -1,0 +1,377 @@
+"""Where "the batch" of BatchNorm is decided.
+
+Every BN-family layer in bnbench is a :class:`BatchNorm2d` (a subclass of ``torch.nn.BatchNorm2d``,
+so state dicts and ``isinstance`` checks are those of PyTorch). For an input ``x`` of shape
+``(N, C, H, W)`` and a *normalization batch* ``S`` (a set of samples), per channel:
+
+    μ_S = mean_{n∈S, h, w} x,   σ²_S = mean_{n∈S, h, w} (x − μ_S)²      (biased, as in BN)
+    y   = γ · (x − μ_S) / sqrt(σ²_S + ε) + β.
+
+What ``S`` is, is the subject of "Rethinking 'Batch' in BatchNorm" (Wu & Johnson 2021), and it is
+decided in :meth:`BatchNorm2d._batch_forward` and nowhere else:
+
+* ``nbs=None``: ``S`` is the whole per-process batch (standard BN, §3);
+* ``nbs=k``: ``S`` is each contiguous group of ``k`` samples (GhostBN, §4.1); when ``k`` does not
+  divide ``N`` the last ``N mod k`` samples form one smaller group;
+* ``process_group``: ``S`` is the union of the batches of all processes of the group (SyncBN, §4.1),
+  statistics from a differentiable all-reduce of count-weighted sums and sums of squares;
+* at inference, ``eval_stats="population"`` uses the population statistics (``running_mean``,
+  ``running_var``); ``eval_stats="batch"`` uses mini-batch statistics with groups of ``eval_nbs``
+  (§4.2, "use mini-batch statistics in inference");
+* ``frozen=True`` uses the population statistics in training too (FrozenBN, §4.3);
+* while a PreciseBN observer is attached (:mod:`bnbench.population`), ``S`` is the whole
+  per-process batch and the statistics are reported instead of being averaged into the EMA.
+
+Population statistics are an exponential moving average (EMA) during training:
+``running ← (1 − m) · running + m · batch`` with PyTorch's ``momentum`` ``m``; the paper writes the
+same update as ``λ · running + (1 − λ) · batch``, so ``λ = 1 − m`` (default ``m = 0.1``, λ = 0.9).
+As in PyTorch, the variance averaged into the EMA is the unbiased one, ``σ²_S · M / (M − 1)`` with
+``M = |S|·H·W``. With several groups the EMA takes their count-weighted average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnbench.errors import BnbenchError
+
+#: ``observer(layer, slot, mean, var, count)``: PreciseBN's hook, called with the biased batch
+#: mean and variance (shape ``(C,)``) of ``count`` elements per channel.
+StatsObserver = Callable[["BatchNorm2d", int, Tensor, Tensor, int], None]
+
+EVAL_STATS = ("population", "batch")
+
+
+def check_momentum(momentum: float) -> float:
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise BnbenchError(
+            f"norm.momentum={momentum}: must be in [0, 1] (PyTorch convention, λ = 1 − m)"
+        )
+    return float(momentum)
+
+
+def check_positive(name: str, value: int | None, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if value is None or int(value) != value or int(value) < 1:
+        raise BnbenchError(f"{name}={value}: must be a positive integer")
+    return int(value)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_l a·b`` over the last dim of ``(G, n, C, L)`` tensors, as a batched dot product."""
+    length = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, length), b.reshape(-1, length, 1)).view(a.shape[:-1])
+
+
+def _group_moments(xv: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(g, c) mean and biased variance of ``xv`` ``(G, n, C, L)`` over ``(n, L)``.
+
+    One read of ``xv`` per moment: rows of ``L`` are summed in the input precision, the row sums
+    are combined in float64 so that ``E[x²] − E[x]²`` loses nothing in the final subtraction.
+    (``torch.var_mean`` over two non-adjacent dims is ~20× slower than this on CPU.)
+    """
+    m = xv.shape[1] * xv.shape[3]
+    s1 = xv.sum(dim=3).sum(dim=1, dtype=torch.float64)
+    s2 = _row_dot(xv, xv).sum(dim=1, dtype=torch.float64)
+    mean = s1 / m
+    var = (s2 / m - mean * mean).clamp_min(0)
+    return mean.to(xv.dtype), var.to(xv.dtype)
+
+
+class _GroupedBatchNorm(torch.autograd.Function):
+    """BN over contiguous groups of samples in one pass (GhostBN), with an analytic backward.
+
+    ``x`` is viewed as ``(G, n, C, L)``; statistics are per ``(g, c)`` over ``(n, L)``, ``M = n·L``.
+    Backward (standard BN gradient per group, with ``x̂ = (x − μ)·r``, ``r = 1/sqrt(σ² + ε)``):
+
+        ∂x = γ r (∂y − Σ∂y / M − x̂ · Σ(∂y x̂) / M)
+        ∂γ = Σ_g Σ ∂y x̂,   ∂β = Σ_g Σ ∂y,
+
+    written as ``∂x = a·∂y + b·x + c`` with per-(g, c) coefficients so that it is two fused passes.
+    Returns ``y`` and the biased group statistics ``(mean, var)`` of shape ``(G, C)`` (no gradient).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
+    ):
+        n, c = x.shape[0], x.shape[1]
+        xv = x.reshape(groups, n // groups, c, -1)
+        mean, var = _group_moments(xv)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        y = torch.addcmul(shift[:, None, :, None], xv, scale[:, None, :, None])
+        ctx.save_for_backward(xv, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y.view_as(x), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _gm: Tensor, _gv: Tensor):
+        xv, weight, mean, invstd = ctx.saved_tensors
+        g = grad_y.reshape(xv.shape)
+        m = xv.shape[1] * xv.shape[3]
+        sum_g = g.sum(dim=3).sum(dim=1)
+        sum_gxmu = _row_dot(g, xv).sum(dim=1) - mean * sum_g
+        a = invstd if weight is None else invstd * weight
+        b = -a * invstd * invstd * sum_gxmu / m
+        c = -a * sum_g / m - b * mean
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addcmul(c[:, None, :, None], xv, b[:, None, :, None])
+            grad_x.addcmul_(g, a[:, None, :, None])
+            grad_x = grad_x.view(grad_y.shape)
+        grad_w = (invstd * sum_gxmu).sum(0) if ctx.needs_input_grad[1] else None
+        grad_b = sum_g.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+def grouped_batch_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, nbs: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize each contiguous group of ``nbs`` samples with its own statistics.
+
+    Returns ``(y, mean, var, counts)``: group statistics ``(G, C)`` (biased, no gradient) and the
+    number of elements per channel in each group ``(G,)``. A remainder of ``N mod nbs`` samples is
+    its own, smaller group.
+    """
+    n, length = x.shape[0], x[0, 0].numel()
+    full = (n // nbs) * nbs
+    parts = [(0, full, n // nbs)] if full else []
+    if full < n:
+        parts.append((full, n, 1))
+    ys, means, vars_, counts = [], [], [], []
+    for start, stop, groups in parts:
+        y, mean, var = _GroupedBatchNorm.apply(x[start:stop], weight, bias, groups, eps)
+        ys.append(y)
+        means.append(mean)
+        vars_.append(var)
+        counts.append(torch.full((groups,), (stop - start) // groups * length, device=x.device))
+    y = ys[0] if len(ys) == 1 else torch.cat(ys)
+    return y, torch.cat(means), torch.cat(vars_), torch.cat(counts)
+
+
+def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, int]:
+    """Mean and biased variance over the batches of all processes in ``group`` (SyncBN).
+
+    Each process contributes ``Σx``, ``Σx²`` and its element count; one differentiable all-reduce
+    sums them, so gradients reach every process's input (as in ``torch.nn.SyncBatchNorm``) and
+    unequal or empty per-process batches are weighted by count. Computed in fp32 at least.
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    dims = [0, *range(2, x.dim())]
+    count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=xf.dtype, device=x.device)
+    packed = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+    packed = all_reduce(packed, group=group)
+    c = x.shape[1]
+    total = int(packed[-1].item())
+    if total == 0:
+        raise BnbenchError("syncbn: every process in the group has an empty batch")
+    mean = packed[:c] / total
+    var = (packed[c : 2 * c] / total - mean * mean).clamp_min(0)
+    return mean, var, total
+
+
+def normalize(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``γ (x − μ) / sqrt(σ² + ε) + β`` with per-channel ``mean``/``var`` (differentiable)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose normalization batch is an explicit choice (see the module docstring).
+
+    Args:
+        num_features: channels ``C``.
+        eps: ε added to the variance.
+        momentum: EMA momentum ``m`` in PyTorch's convention (paper's λ = 1 − m), in [0, 1].
+        nbs: normalization batch size (GhostBN); ``None`` = the whole per-process batch.
+        process_group: SyncBN over the processes of this group; ``None`` = per process.
+        eval_stats: ``"population"`` (EMA / PreciseBN statistics) or ``"batch"`` at inference.
+        eval_nbs: group size for ``eval_stats="batch"``; ``None`` = the whole inference batch.
+        frozen: normalize with the population statistics in training too (FrozenBN).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        *,
+        nbs: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        eval_stats: str = "population",
+        eval_nbs: int | None = None,
+        frozen: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, check_momentum(momentum), affine, True, device, dtype)
+        if eval_stats not in EVAL_STATS:
+            raise BnbenchError(
+                f"norm.eval_stats={eval_stats}: choose one of {', '.join(EVAL_STATS)}"
+            )
+        if nbs is not None and process_group is not None:
+            raise BnbenchError(
+                "norm: nbs (GhostBN) and sync (SyncBN) exclude each other: "
+                "NBS below the per-process batch is ghost, above it is syncbn"
+            )
+        self.nbs = check_positive("norm.nbs", nbs)
+        self.process_group = process_group
+        self.eval_stats = eval_stats
+        self.eval_nbs = check_positive("norm.eval_nbs", eval_nbs)
+        self.frozen = bool(frozen)
+        self._observer: StatsObserver | None = None
+
+    def extra_repr(self) -> str:
+        extra = [f"nbs={self.nbs}"] if self.nbs else []
+        extra += ["sync"] if self.process_group is not None else []
+        extra += ["frozen"] if self.frozen else []
+        extra += [f"eval_stats=batch(nbs={self.eval_nbs})"] if self.eval_stats == "batch" else []
+        return ", ".join([super().extra_repr(), *extra])
+
+    # -- parameters of one statistics slot (DomainBatchNorm2d has several) ---------------------
+    def _slot(self) -> int:
+        return 0
+
+    def _population(self) -> tuple[Tensor, Tensor]:
+        return self.running_mean, self.running_var
+
+    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
+        return self.weight, self.bias
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if self._observer is not None:
+            return self._observed_forward(x)
+        if self.frozen or (not self.training and self.eval_stats == "population"):
+            return self._population_forward(x)
+        if not self.training:
+            return self._batch_forward(x, self.eval_nbs, update=False)
+        return self._train_forward(x)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        """Training step normalization; BRN and CBN override this."""
+        return self._batch_forward(x, self.nbs, update=True)
+
+    def _population_forward(self, x: Tensor) -> Tensor:
+        mean, var = self._population()
+        weight, bias = self._affine()
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+
+    def _batch_forward(self, x: Tensor, nbs: int | None, *, update: bool) -> Tensor:
+        """Normalize with mini-batch statistics: the one place where the batch is decided."""
+        weight, bias = self._affine()
+        group = self.process_group
+        if group is not None and dist.get_world_size(group) > 1:
+            return self._sync_forward(x, group, weight, bias, update)
+        running_mean, running_var = self._population()
+        if nbs is None or nbs >= x.shape[0]:
+            self._check_group_size(x, x.shape[0])
+            if not update:
+                return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+            self.num_batches_tracked.add_(1)
+            return F.batch_norm(
+                x, running_mean, running_var, weight, bias, True, self.momentum, self.eps
+            )
+        self._check_group_size(x, min(nbs, x.shape[0] % nbs or nbs))
+        y, mean, var, counts = grouped_batch_norm(x, weight, bias, nbs, self.eps)
+        if update:
+            self._update_population(mean, var, counts)
+        return y
+
+    def _sync_forward(
+        self,
+        x: Tensor,
+        group: dist.ProcessGroup,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        update: bool,
+    ) -> Tensor:
+        if x.is_cuda and dist.get_backend(group) == "nccl" and self.training:
+            return self._native_sync_forward(x, group, weight, bias, update)
+        mean, var, total = sync_moments(x, group)
+        if total <= 1:
+            raise BnbenchError(self._one_value_message(total))
+        if update:
+            self._update_population(
+                mean[None].detach(), var[None].detach(), torch.tensor([total], device=x.device)
+            )
+        return normalize(x, mean, var, weight, bias, self.eps)
+
+    def _native_sync_forward(
+        self,
+        x: Tensor,
+        group: dist.ProcessGroup,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        update: bool,
+    ) -> Tensor:
+        """CUDA/NCCL: PyTorch's fused SyncBN kernels (same statistics, same EMA rule)."""
+        from torch.nn.modules._functions import SyncBatchNorm as SyncFn
+
+        running_mean, running_var = self._population() if update else (None, None)
+        if update:
+            self.num_batches_tracked.add_(1)
+        return SyncFn.apply(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            self.eps,
+            self.momentum,
+            group,
+            dist.get_world_size(group),
+        )
+
+    def _observed_forward(self, x: Tensor) -> Tensor:
+        """PreciseBN: normalize with the whole per-process batch and report its statistics."""
+        self._check_group_size(x, x.shape[0])
+        dims = [0, *range(2, x.dim())]
+        xs = x.detach() if x.dtype == torch.float64 else x.detach().float()
+        var, mean = torch.var_mean(xs, dim=dims, correction=0)
+        count = x.numel() // x.shape[1]
+        self._observer(self, self._slot(), mean, var, count)
+        weight, bias = self._affine()
+        return F.batch_norm(
+            x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, self.eps
+        )
+
+    @torch.no_grad()
+    def _update_population(self, mean: Tensor, var: Tensor, counts: Tensor) -> None:
+        """EMA update from group statistics ``(G, C)``: count-weighted, unbiased variance."""
+        counts = counts.to(mean.dtype)[:, None]
+        w = counts / counts.sum()
+        unbiased = var * counts / (counts - 1).clamp_min(1)
+        running_mean, running_var = self._population()
+        running_mean.lerp_((w * mean).sum(0).to(running_mean.dtype), self.momentum)
+        running_var.lerp_((w * unbiased).sum(0).to(running_var.dtype), self.momentum)
+        self.num_batches_tracked.add_(1)
+
+    def _check_group_size(self, x: Tensor, samples: int) -> None:
+        count = samples * x[0, 0].numel() if x.shape[0] else 0
+        if count <= 1 and x.shape[0] > 0:
+            raise BnbenchError(self._one_value_message(count))
+
+    def _one_value_message(self, count: int) -> str:
+        return (
+            f"{type(self).__name__}({self.num_features}): batch statistics over {count} value "
+            "per channel; increase the batch (or nbs), or use population statistics"
+        )

@@ -1,0 +1,201 @@
+"""Population-statistics algorithms: PreciseBN (Rethinking §3.2, appendix A.2–A.3).
+
+PreciseBN recomputes the population statistics of every BN-family layer from a fixed model:
+(1) forward ``N`` training samples in batches of ``B``, each layer normalizing with the statistics
+of its batch and reporting them (per slot: domain-specific layers keep one set per domain);
+(2) aggregate the per-batch statistics. With batch ``i`` of ``c_i`` elements per channel (samples
+× H × W), biased mean ``μ_i`` and variance ``σ²_i``, and ``n = Σ c_i``:
+
+* ``estimator="population"`` (Eq. 2): ``μ = Σ c_i μ_i / n``,
+  ``σ² = n/(n−1) · (Σ c_i (μ_i² + σ²_i) / n − μ²)`` — the unbiased variance of all ``n`` values,
+  i.e. exactly the statistics of the concatenated data, for any split into batches;
+* ``estimator="batch_mean"`` (Eq. 3): ``σ² = Σ c_i · c_i/(c_i−1) · σ²_i / n``, the mean of the
+  unbiased batch variances (what an EMA averages).
+
+Sums are float64 and, in a multi-process run, all-reduced (each process forwards its share), so
+every rank ends with the same statistics. ``layerwise=True`` is appendix A.3: layer ``k`` is
+estimated with layers ``< k`` already using their (exact) population statistics, which equals one
+forward of the whole population as a single batch, at a cost quadratic in depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bnbench.errors import BnbenchError
+from bnbench.norm import bn_layers
+from bnbench.norm.base import BatchNorm2d
+
+ESTIMATORS = ("population", "batch_mean")
+Batches = Callable[[], Iterable[Tensor]]
+
+
+class _Moments:
+    """Running float64 sums ``[Σc, Σcμ, Σc(μ²+σ²), Σc²σ²/(c−1)]`` per channel for one slot."""
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.sums = torch.zeros(4, channels, dtype=torch.float64, device=device)
+
+    def add(self, mean: Tensor, var: Tensor, count: int) -> None:
+        mean, var = mean.double(), var.double()
+        self.sums[0] += count
+        self.sums[1] += count * mean
+        self.sums[2] += count * (mean * mean + var)
+        self.sums[3] += count * var * (count / max(count - 1, 1))
+
+    def finish(self, estimator: str) -> tuple[Tensor, Tensor]:
+        n, s_mean, s_sq, s_var = self.sums
+        if float(n[0]) <= 1:
+            raise BnbenchError("PreciseBN: fewer than 2 values per channel were seen")
+        mean = s_mean / n
+        if estimator == "population":
+            var = (s_sq / n - mean * mean).clamp_min(0) * n / (n - 1)
+        else:
+            var = s_var / n
+        return mean, var
+
+
+class _StopForward(Exception):
+    """Raised by a layer-by-layer observer once its layer has reported."""
+
+
+@contextmanager
+def observing(layers: Iterable[BatchNorm2d], observer) -> Iterator[None]:
+    """Attach ``observer`` to ``layers`` for the duration of the block."""
+    layers = list(layers)
+    for layer in layers:
+        layer._observer = observer
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._observer = None
+
+
+@contextmanager
+def preserved_population(model: nn.Module) -> Iterator[None]:
+    """Restore every layer's population statistics on exit (PreciseBN must not alter training)."""
+    saved = [(m, m.running_mean.clone(), m.running_var.clone()) for m in bn_layers(model)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, mean, var in saved:
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+
+
+def _collect(
+    model: nn.Module, layers: list[BatchNorm2d], batches: Batches, stop_after: bool
+) -> dict[tuple[int, int], _Moments]:
+    """Forward every batch, accumulating the statistics each of ``layers`` reports per slot."""
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    acc: dict[tuple[int, int], _Moments] = {}
+
+    def observer(layer: BatchNorm2d, slot: int, mean: Tensor, var: Tensor, count: int) -> None:
+        if count == 0:
+            return
+        key = (index[id(layer)], slot)
+        if key not in acc:
+            acc[key] = _Moments(mean.numel(), mean.device)
+        acc[key].add(mean, var, count)
+        if stop_after:
+            raise _StopForward
+
+    with observing(layers, observer):
+        for x in batches():
+            with suppress(_StopForward):
+                model(x)
+    return acc
+
+
+def _reduce(acc: dict[tuple[int, int], _Moments], keys: list[tuple[int, int]]) -> None:
+    """Sum the moments over all processes (every rank must see the same keys)."""
+    if not (dist.is_available() and dist.is_initialized()) or not keys:
+        return
+    flat = torch.cat([acc[k].sums.flatten() for k in keys])
+    dist.all_reduce(flat)
+    offset = 0
+    for k in keys:
+        size = acc[k].sums.numel()
+        acc[k].sums.copy_(flat[offset : offset + size].view_as(acc[k].sums))
+        offset += size
+
+
+@torch.no_grad()
+def _assign(
+    layers: list[BatchNorm2d], acc: dict[tuple[int, int], _Moments], estimator: str
+) -> None:
+    keys = sorted(acc)
+    _reduce(acc, keys)
+    for i, slot in keys:
+        layer = layers[i]
+        if slot != layer._slot():
+            raise BnbenchError(
+                f"PreciseBN: {type(layer).__name__} reported slot {slot} while "
+                f"slot {layer._slot()} is selected; estimate one domain at a time"
+            )
+        mean, var = acc[(i, slot)].finish(estimator)
+        running_mean, running_var = layer._population()
+        running_mean.copy_(mean.to(running_mean.dtype))
+        running_var.copy_(var.to(running_var.dtype))
+
+
+def _forward_order(
+    model: nn.Module, layers: list[BatchNorm2d], batches: Batches
+) -> list[BatchNorm2d]:
+    seen: list[BatchNorm2d] = []
+
+    def record(layer: BatchNorm2d, slot: int, mean: Tensor, var: Tensor, count: int) -> None:
+        if layer not in seen:
+            seen.append(layer)
+
+    first = next(iter(batches()))
+    with observing(layers, record):
+        model(first)
+    return seen
+
+
+def _check_dist_keys(local: int) -> None:
+    """Every rank must have seen batches, else the all-reduce would not match."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([local], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        local = int(t.item())
+    if local == 0:
+        raise BnbenchError("PreciseBN: a process received no samples; raise precise.num_samples")
+
+
+@torch.no_grad()
+def update_population_stats(
+    model: nn.Module, batches: Batches, *, estimator: str = "population", layerwise: bool = False
+) -> None:
+    """Recompute the population statistics of every BN-family layer of ``model`` in place.
+
+    ``batches`` is a factory returning an iterable of input tensors (called once, or once per
+    layer with ``layerwise=True``, which needs the same batches each time).
+    """
+    if estimator not in ESTIMATORS:
+        raise BnbenchError(f"precise.estimator={estimator}: choose one of {', '.join(ESTIMATORS)}")
+    layers = bn_layers(model)
+    if not layers:
+        return
+    was_training = model.training
+    model.eval()  # other layers (dropout) as at inference; BN layers observe regardless
+    try:
+        if not layerwise:
+            acc = _collect(model, layers, batches, stop_after=False)
+            _check_dist_keys(len(acc))
+            _assign(layers, acc, estimator)
+            return
+        for layer in _forward_order(model, layers, batches):
+            acc = _collect(model, [layer], batches, stop_after=True)
+            _check_dist_keys(len(acc))
+            _assign([layer], acc, estimator)
+    finally:
+        model.train(was_training)

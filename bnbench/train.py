@@ -1,0 +1,419 @@
+"""The training loop: config → data, model, optimizer → epochs → EMA vs PreciseBN validation.
+
+One obvious path (pycls-style): :func:`train` builds everything from the config and runs
+:func:`_train_epoch` / :func:`_validate` in turn. Learning rate: ``optim.lr`` is per 256 images and
+scaled by the global batch (Goyal et al. 2017), with linear warmup then cosine or step decay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from bnbench import checkpoint as ckpt
+from bnbench import distributed as D
+from bnbench.config import norm_options
+from bnbench.data import build_dataset
+from bnbench.errors import BnbenchError
+from bnbench.evaluate import eval_stats_mode, evaluate, sync_population_stats
+from bnbench.logs import RunLog, write_json
+from bnbench.models import build_model
+from bnbench.norm import bn_layers
+from bnbench.population import preserved_population, update_population_stats
+
+log = logging.getLogger("bnbench")
+
+
+@dataclass
+class State:
+    """Everything a checkpoint restores besides model and optimizer."""
+
+    epoch: int = 0  # next epoch to run
+    iteration: int = 0
+    elapsed: float = 0.0
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def lr_at(cfg: DictConfig, iteration: int, iters_per_epoch: int, global_batch: int) -> float:
+    """Learning rate of an iteration (a pure function, so resuming needs only the iteration)."""
+    o = cfg.optim
+    base = o.lr * global_batch / 256
+    total = cfg.trainer.epochs * iters_per_epoch
+    warmup = round(o.warmup_epochs * iters_per_epoch)
+    if iteration < warmup:
+        return base * (o.warmup_factor + (1 - o.warmup_factor) * iteration / warmup)
+    if o.schedule == "cosine":
+        progress = (iteration - warmup) / max(total - warmup, 1)
+        return base * 0.5 * (1 + math.cos(math.pi * progress))
+    epoch = iteration / iters_per_epoch
+    return base * o.gamma ** sum(epoch >= s for s in o.steps)
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_wd_norm_bias: bool) -> list[dict]:
+    """SGD groups: optionally no weight decay on normalization parameters and biases."""
+    if not no_wd_norm_bias:
+        return [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "weight_decay": weight_decay,
+            }
+        ]
+    decay, no_decay = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if is_norm or name == "bias" else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    want = cfg.trainer.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise BnbenchError("trainer.device=cuda: no CUDA device is available")
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", D.local_rank())
+
+
+def _norm_options(cfg: DictConfig, iters_per_epoch: int) -> dict[str, Any]:
+    """Layer options, with schedules given in epochs turned into iterations."""
+    options = norm_options(cfg.norm)
+    if cfg.norm.burnin_epochs is not None and "burnin" not in options:
+        options["burnin"] = round(cfg.norm.burnin_epochs * iters_per_epoch)
+    if cfg.norm.name == "brn" and cfg.norm.scale_schedule and "schedule_scale" not in options:
+        # Our choice: the r_max ramp ends at half of the run (BRN paper: 40k iterations).
+        rmax_iters = options.get("rmax_iters", 40000)
+        options["schedule_scale"] = 0.5 * cfg.trainer.epochs * iters_per_epoch / rmax_iters
+    return options
+
+
+def _stats_kinds(model: nn.Module, precise: bool) -> list[str]:
+    layers = bn_layers(model)
+    if not layers:
+        return ["none"]
+    kinds = ["ema"] + (["precise"] if precise else [])
+    return kinds + (["batch"] if any(m.eval_stats == "batch" for m in layers) else [])
+
+
+class Trainer:
+    """Holds the built objects of one run; :meth:`fit` runs it."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path | None) -> None:
+        self.cfg = cfg
+        self.rank, self.world = D.rank(), D.world_size()
+        self.device = _device(cfg)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.trainer.seed)
+        self.run_dir = run_dir
+        self.data = build_dataset(cfg.dataset)
+        t = cfg.trainer
+        self.global_batch = t.batch_size * self.world
+        if self.global_batch > self.data.train_size:
+            raise BnbenchError(
+                f"trainer.batch_size={t.batch_size}: the global batch "
+                f"{self.global_batch} exceeds the {self.data.train_size} training "
+                "images"
+            )
+        self.train_loader = self._loader(
+            "train", t.batch_size, augment=True, shuffle=True, drop_last=True
+        )
+        self.iters_per_epoch = len(self.train_loader)
+        model = build_model(
+            cfg.model,
+            cfg.norm.name,
+            _norm_options(cfg, self.iters_per_epoch),
+            self.data.num_classes,
+        ).to(self.device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.net = D.wrap_model(model, cfg.dist, self.device)
+        self.optimizer = torch.optim.SGD(
+            param_groups(model, cfg.optim.weight_decay, cfg.optim.no_wd_norm_bias),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
+        )
+        self.state = State()
+        self.log = RunLog(run_dir if self.rank == 0 else None)
+        self.ckpt_path = run_dir / "checkpoints" / "last.pt" if run_dir else None
+        self.kinds = _stats_kinds(model, cfg.precise.enabled)
+        self.autocast = t.bf16 and self.device.type == "cuda"
+
+    def _loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        augment: bool,
+        shuffle: bool,
+        drop_last: bool,
+        seed_offset: int = 0,
+    ):
+        return self.data.loader(
+            split,
+            batch_size,
+            augment=augment,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=self.cfg.trainer.seed + seed_offset,
+            rank=self.rank,
+            world_size=self.world,
+            device=self.device,
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        if self.ckpt_path is None or self.rank != 0 or not self.cfg.trainer.checkpoint:
+            return
+        ckpt.save_atomic(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "state": vars(self.state),
+                "rng": ckpt.rng_state(),
+                "config": OmegaConf.to_container(self.cfg),
+            },
+            self.ckpt_path,
+        )
+
+    def _resume(self) -> None:
+        path = D.broadcast_object(str(self.ckpt_path) if self.ckpt_path else None)
+        if path is None or not Path(path).exists():
+            log.info("trainer.resume: no checkpoint in the run dir, starting from scratch")
+            return
+        data = ckpt.load(Path(path), self.device)
+        try:
+            self.model.load_state_dict(data["model"])
+        except RuntimeError as err:
+            raise BnbenchError(f"checkpoint {path} does not fit this model/norm config") from err
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.state = State(**data["state"])
+        ckpt.set_rng_state(data["rng"])
+        log.info("resumed from %s at epoch %d", path, self.state.epoch)
+
+    # -- one epoch ----------------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        lr = lr_at(self.cfg, self.state.iteration, self.iters_per_epoch, self.global_batch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, net = self.cfg, self.net
+        freeze = cfg.norm.freeze_at_epoch
+        if freeze is not None and epoch >= freeze:
+            for layer in bn_layers(self.model):
+                layer.frozen = True  # FrozenBN from here on; the function is unchanged
+        net.train()
+        self.train_loader.set_epoch(epoch)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        start = time.perf_counter()
+        bar = _progress(
+            self.train_loader,
+            cfg.trainer.progress and self.rank == 0,
+            f"epoch {epoch + 1}/{cfg.trainer.epochs}",
+        )
+        for x, y in bar:
+            lr = self._set_lr()
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+            if not torch.isfinite(loss):
+                raise BnbenchError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, iteration "
+                    f"{self.state.iteration}; the last good checkpoint is kept"
+                    + (f" at {self.ckpt_path}" if self.ckpt_path else "")
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.state.iteration += 1
+            with torch.no_grad():
+                sums += torch.stack(
+                    [
+                        loss.detach().double() * y.numel(),
+                        (logits.argmax(1) == y).sum().double(),
+                        torch.tensor(float(y.numel()), device=self.device).double(),
+                    ]
+                )
+            if self.state.iteration % 20 == 0:
+                self.log.scalar("train/loss", loss.item(), self.state.iteration)
+                self.log.scalar("train/lr", lr, self.state.iteration)
+            if cfg.trainer.max_iters and self.state.iteration >= cfg.trainer.max_iters:
+                break
+        D.all_reduce_(sums)
+        n = max(sums[2].item(), 1.0)
+        seconds = time.perf_counter() - start
+        return {
+            "loss": sums[0].item() / n,
+            "top1": 100 * sums[1].item() / n,
+            "lr": lr,
+            "time": seconds,
+            "images_per_s": n / seconds,
+        }
+
+    # -- validation ---------------------------------------------------------------------------
+    def _precise_batches(self):
+        p = self.cfg.precise
+        per_rank = math.ceil(p.num_samples / self.world)
+        batch = min(p.batch_size, per_rank)
+        loader = self._loader(
+            "train", batch, augment=p.augment, shuffle=True, drop_last=True, seed_offset=7919
+        )
+        loader.set_epoch(self.state.epoch)
+        steps = max(1, min(len(loader), per_rank // batch))
+
+        def batches():
+            for i, (x, _) in enumerate(loader):
+                if i >= steps:
+                    break
+                yield x
+
+        return batches
+
+    def _validate(self, epoch: int) -> dict[str, dict[str, float]]:
+        cfg = self.cfg
+        sync_population_stats(self.model, cfg.dist.ema_sync)
+        val = self._loader(
+            "val", cfg.eval.batch_size, augment=False, shuffle=False, drop_last=False
+        )
+        results: dict[str, dict[str, float]] = {}
+        for kind in self.kinds:
+            start = time.perf_counter()
+            mode = "batch" if kind == "batch" else "population"
+            with preserved_population(self.model), eval_stats_mode(self.model, mode):
+                if kind == "precise":
+                    update_population_stats(
+                        self.model,
+                        self._precise_batches(),
+                        estimator=cfg.precise.estimator,
+                        layerwise=cfg.precise.layerwise,
+                    )
+                results[kind] = evaluate(self.model, val, self.autocast)
+            results[kind]["time"] = time.perf_counter() - start
+        return results
+
+    # -- the run ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.trainer.resume:
+            self._resume()
+        log.info(
+            "model %s, norm %s, global batch %d (%d × %d processes), %d iterations/epoch",
+            cfg.model.arch,
+            cfg.norm.name,
+            self.global_batch,
+            cfg.trainer.batch_size,
+            self.world,
+            self.iters_per_epoch,
+        )
+        for epoch in range(self.state.epoch, cfg.trainer.epochs):
+            start = time.perf_counter()
+            train = self._train_epoch(epoch)
+            self._record("train", epoch, "batch", train)
+            last = epoch + 1 == cfg.trainer.epochs or bool(cfg.trainer.max_iters)
+            if (epoch + 1) % cfg.eval.every == 0 or last:
+                val = self._validate(epoch)
+                for kind, metrics in val.items():
+                    self._record("val", epoch, kind, metrics)
+                log.info(
+                    "epoch %d/%d  train loss %.3f  %s",
+                    epoch + 1,
+                    cfg.trainer.epochs,
+                    train["loss"],
+                    "  ".join(f"{_label(k)} {m['top1']:.2f}%" for k, m in val.items()),
+                )
+            self.state.epoch = epoch + 1
+            self.state.elapsed += time.perf_counter() - start
+            self._checkpoint()
+            if cfg.trainer.max_iters and self.state.iteration >= cfg.trainer.max_iters:
+                break
+        summary = self._summary()
+        if self.rank == 0 and self.run_dir is not None:
+            write_json(self.run_dir / "summary.json", summary)
+        self.log.close()
+        return summary
+
+    def _record(self, split: str, epoch: int, kind: str, metrics: dict[str, float]) -> None:
+        self.log.event(
+            epoch=epoch + 1, iter=self.state.iteration, split=split, stats=kind, **metrics
+        )
+        for key in ("top1", "top5", "loss"):
+            if key in metrics:
+                tag = f"{split}/{key}" if split == "train" else f"{split}/{key}_{kind}"
+                self.log.scalar(tag, metrics[key], self.state.iteration)
+        if split == "val":
+            self.state.history.setdefault(kind, []).append(metrics["top1"])
+
+    def _summary(self) -> dict[str, Any]:
+        cfg, h = self.cfg, self.state.history
+        images = self.state.iteration * self.global_batch
+        return {
+            "model": OmegaConf.to_container(cfg.model),
+            "norm": OmegaConf.to_container(cfg.norm),
+            "dataset": cfg.dataset.name,
+            "epochs": cfg.trainer.epochs,
+            "iterations": self.state.iteration,
+            "world_size": self.world,
+            "batch_per_process": cfg.trainer.batch_size,
+            "global_batch": self.global_batch,
+            "normalization_batch": _normalization_batch(cfg, self.world),
+            "final_top1": {k: v[-1] for k, v in h.items()},
+            "best_top1": {k: max(v) for k, v in h.items()},
+            "wall_time_s": self.state.elapsed,
+            "images_per_s": images / self.state.elapsed if self.state.elapsed else None,
+        }
+
+
+def _normalization_batch(cfg: DictConfig, world: int) -> int | None:
+    """Samples per normalization batch in training (None for batch-independent layers)."""
+    name = cfg.norm.name
+    if name in ("gn", "ln", "in"):
+        return None
+    if name == "ghost" or (cfg.norm.nbs is not None and name != "syncbn"):
+        return min(cfg.norm.nbs, cfg.trainer.batch_size)
+    if name == "syncbn":
+        size = cfg.norm.group_size or world
+        return cfg.trainer.batch_size * size
+    return cfg.trainer.batch_size
+
+
+def _label(kind: str) -> str:
+    return {"ema": "EMA", "precise": "PreciseBN", "batch": "batch-stats", "none": "top-1"}[kind]
+
+
+def _progress(iterable, enabled: bool | None, desc: str):
+    import sys
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
+    """Run one training job; returns the summary (also written to ``summary.json``)."""
+    trainer = Trainer(cfg, run_dir)
+    summary = trainer.fit()
+    if trainer.rank == 0:
+        final = "  ".join(f"{_label(k)} {v:.2f}%" for k, v in summary["final_top1"].items())
+        print(f"final top-1: {final}  ({summary['wall_time_s']:.0f} s)", flush=True)
+    return summary

@@ -1,0 +1,287 @@
+"""BN-family layers against torch.nn.functional, closed forms and separate per-group calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnbench import norm as norms
+from bnbench.errors import BnbenchError
+from bnbench.norm.base import BatchNorm2d
+from bnbench.norm.brn import BatchRenorm2d, ramp
+
+
+def _affine(layer: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(
+            torch.rand(layer.weight.shape, generator=g, dtype=layer.weight.dtype) + 0.5
+        )
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g, dtype=layer.bias.dtype))
+    return layer
+
+
+def _x(*shape: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=dtype) * 2 + 1).requires_grad_()
+
+
+def _grads(fn, x, layer):
+    y = fn(x)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    return y, torch.autograd.grad(y, [x, layer.weight, layer.bias], gy)
+
+
+def test_bn_matches_functional_forward_backward_and_ema():
+    layer = _affine(BatchNorm2d(3, momentum=0.2).double())
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    x = _x(6, 3, 4, 5)
+    y, grads = _grads(layer, x, layer)
+    y_ref, grads_ref = _grads(
+        lambda t: F.batch_norm(t, rm, rv, layer.weight, layer.bias, True, 0.2, layer.eps), x, layer
+    )
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(layer.running_mean, rm)
+    torch.testing.assert_close(layer.running_var, rv)
+
+
+@pytest.mark.parametrize("n,nbs", [(8, 2), (8, 4), (9, 4), (6, 1)])
+def test_ghost_equals_separate_bn_calls(n, nbs):
+    """GhostBN with G groups ≡ G separate F.batch_norm calls (outputs, all gradients, EMA)."""
+    hw = (3, 3)
+    layer = _affine(BatchNorm2d(4, momentum=0.1, nbs=nbs).double())
+    x = _x(n, 4, *hw)
+    y, grads = _grads(layer, x, layer)
+
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    means, vars_, counts = [], [], []
+
+    def reference(t):
+        outs = []
+        for chunk in t.split(nbs):
+            outs.append(
+                F.batch_norm(chunk, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+            )
+            c = chunk.detach()
+            m = chunk.numel() // 4
+            means.append(c.mean((0, 2, 3)))
+            vars_.append(c.var((0, 2, 3), unbiased=True))
+            counts.append(m)
+        return torch.cat(outs)
+
+    y_ref, grads_ref = _grads(reference, x, layer)
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    w = torch.tensor(counts, dtype=torch.float64)
+    k = len(w)
+    w = w / w.sum()
+    ema_mean = 0.9 * rm + 0.1 * (w[:, None] * torch.stack(means[:k])).sum(0)
+    ema_var = 0.9 * rv + 0.1 * (w[:, None] * torch.stack(vars_[:k])).sum(0)
+    torch.testing.assert_close(layer.running_mean, ema_mean)
+    torch.testing.assert_close(layer.running_var, ema_var)
+
+
+def test_ghost_gradcheck():
+    layer = _affine(BatchNorm2d(3, nbs=2).double())
+    x = _x(6, 3, 2, 2)
+    assert torch.autograd.gradcheck(
+        lambda t, w, b: norms.base.grouped_batch_norm(t, w, b, 2, 1e-5)[0],
+        (x, layer.weight, layer.bias),
+    )
+
+
+def test_ghost_float32_close_to_reference_with_offset():
+    """Large channel means must not destroy the variance (float64 combination of row sums)."""
+    x = torch.randn(16, 8, 8, 8) * 0.5 + 30.0
+    layer = BatchNorm2d(8, nbs=4)
+    ref = torch.cat([F.batch_norm(c, None, None, training=True) for c in x.split(4)])
+    torch.testing.assert_close(layer(x), ref, atol=5e-3, rtol=1e-3)
+
+
+def test_frozen_is_constant_affine_and_trains_affine():
+    layer = _affine(BatchNorm2d(3, frozen=True).double())
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        layer.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    x = _x(4, 3, 2, 2)
+    layer.train()
+    y = layer(x)
+    scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+    shift = layer.bias - layer.running_mean * scale
+    torch.testing.assert_close(y, x * scale[:, None, None] + shift[:, None, None])
+    y.sum().backward()
+    assert layer.weight.grad is not None
+    assert layer.num_batches_tracked.item() == 0  # no EMA update
+
+
+def test_freeze_switch_keeps_eval_function():
+    model = norms.convert(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        ),
+        "bn",
+    )
+    x = torch.randn(8, 3, 8, 8)
+    for _ in range(3):
+        model.train()(x)
+    before = model.eval()(x)
+    for layer in norms.bn_layers(model):
+        layer.frozen = True
+    torch.testing.assert_close(model.eval()(x), before)
+    torch.testing.assert_close(model.train()(x), before)  # training now uses population stats
+
+
+def test_batch_stats_at_inference_uses_eval_nbs_groups():
+    layer = _affine(BatchNorm2d(3, eval_stats="batch", eval_nbs=2).double()).eval()
+    x = _x(6, 3, 2, 2)
+    ref = torch.cat(
+        [
+            F.batch_norm(c, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+            for c in x.split(2)
+        ]
+    )
+    torch.testing.assert_close(layer(x), ref)
+    assert layer.num_batches_tracked.item() == 0
+
+
+def test_brn_identity_limits_equal_bn():
+    brn = _affine(BatchRenorm2d(3, rmax=1.0, dmax=0.0, warmup_iters=0).double())
+    bn = _affine(BatchNorm2d(3).double())
+    for seed in range(3):
+        x = _x(5, 3, 3, 3, seed=seed)
+        y1, g1 = _grads(brn, x, brn)
+        y2, g2 = _grads(bn, x, bn)
+        torch.testing.assert_close(y1, y2)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(brn.running_var, bn.running_var)
+
+
+def test_brn_corrections_closed_form():
+    brn = _affine(BatchRenorm2d(3, warmup_iters=0, rmax_iters=1, dmax_iters=1).double())
+    with torch.no_grad():
+        brn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        brn.running_var.copy_(torch.tensor([9.0, 0.1, 4.0]))
+        brn.num_batches_tracked.fill_(10)
+    rm, rv = brn.running_mean.clone(), brn.running_var.clone()
+    x = _x(4, 3, 3, 3)
+    y = brn(x)
+    d = x.detach()
+    mu, var = d.mean((0, 2, 3)), d.var((0, 2, 3), unbiased=False)
+    sb, s = (var + brn.eps).sqrt(), (rv + brn.eps).sqrt()
+    r = (sb / s).clamp(1 / 3, 3)
+    dd = ((mu - rm) / s).clamp(-5, 5)
+    xhat = (d - mu[:, None, None]) / sb[:, None, None]
+    ref = (
+        brn.weight[:, None, None] * (xhat * r[:, None, None] + dd[:, None, None])
+        + brn.bias[:, None, None]
+    )
+    torch.testing.assert_close(y, ref)
+    assert (r < 1).any() and (r > 1 / 3).all()  # the crafted stats exercise the clip
+
+
+def test_brn_schedule():
+    assert ramp(0, 5000, 40000, 3.0, 1.0) == 1.0
+    assert ramp(22500, 5000, 40000, 3.0, 1.0) == pytest.approx(2.0)
+    assert ramp(50000, 5000, 40000, 3.0, 1.0) == 3.0
+    brn = BatchRenorm2d(2, schedule_scale=0.5)
+    brn.num_batches_tracked.fill_(2500 + 8750)
+    assert brn.limits() == pytest.approx((2.0, 5.0 * (22500 - 5000) / 20000))
+
+
+@pytest.mark.parametrize("name,groups", [("gn", 4), ("ln", 1), ("in", 8)])
+def test_group_family_matches_functional(name, groups):
+    opts = {"groups": 4} if name == "gn" else {}
+    layer = _affine(norms.make(name, **opts)(8).double())
+    x = _x(3, 8, 4, 4)
+    y, grads = _grads(layer, x, layer)
+    y_ref, grads_ref = _grads(
+        lambda t: F.group_norm(t, groups, layer.weight, layer.bias, layer.eps), x, layer
+    )
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    if name == "in":
+        ref = F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+        torch.testing.assert_close(y, ref)
+    if name == "ln":
+        ref = F.layer_norm(x, x.shape[1:], eps=layer.eps)
+        torch.testing.assert_close(y, ref * layer.weight[:, None, None] + layer.bias[:, None, None])
+
+
+def test_gn_default_groups():
+    assert norms.make("gn")(64).num_groups == 32
+    assert norms.make("gn")(16).num_groups == 16
+    assert norms.make("gn")(24).num_groups == 24
+
+
+def test_convert_keeps_state_and_types():
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()(x)
+    ref = model.eval()(x)
+    norms.convert(model, "bn")
+    assert all(type(m) is BatchNorm2d for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    torch.testing.assert_close(model.eval()(x), ref)
+    norms.convert(model, "frozen")
+    torch.testing.assert_close(model.train()(x), ref, atol=1e-5, rtol=1e-5)
+    norms.convert(model, "gn", groups=8)
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 20
+
+
+def test_syncbn_single_process_is_bn():
+    layer = _affine(norms.make("syncbn")(3).double())
+    bn = _affine(BatchNorm2d(3).double())
+    x = _x(4, 3, 2, 2)
+    torch.testing.assert_close(layer(x), bn(x))
+    assert layer.process_group is None
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: norms.make("gn", groups=5)(16),
+        lambda: norms.make("ghost", nbs=0)(4),
+        lambda: norms.make("bn", momentum=1.5)(4),
+        lambda: norms.make("bn", nbs_typo=3),
+        lambda: norms.make("nope"),
+        lambda: norms.make("bn", eval_stats="sometimes")(4),
+        lambda: BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),
+        lambda: BatchNorm2d(3, nbs=1)(torch.randn(4, 3, 1, 1)),
+    ],
+)
+def test_bad_input_is_one_clear_error(call):
+    with pytest.raises(BnbenchError) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def test_syncbn_multiprocess_without_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(BnbenchError, match="no process group"):
+        norms.make("syncbn")
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(0)
+    for name, opts in [
+        ("bn", {}),
+        ("ghost", {"nbs": 2}),
+        ("brn", {"warmup_iters": 0, "rmax_iters": 4, "dmax_iters": 4}),
+    ]:
+        a = norms.make(name, **opts)(3)
+        xs = [torch.randn(4, 3, 3, 3) for _ in range(6)]
+        for x in xs[:3]:
+            a(x)
+        b = norms.make(name, **opts)(3)
+        b.load_state_dict(a.state_dict())
+        for x in xs[3:]:
+            assert torch.equal(a(x), b(x))
+        assert torch.equal(a.running_var, b.running_var)

@@ -1,0 +1,115 @@
+"""PreciseBN against the statistics of the concatenated data and a one-batch forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bnbench import norm as norms
+from bnbench.population import preserved_population, update_population_stats
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Conv2d(5, 3, 1),
+        nn.BatchNorm2d(3),
+    )
+    return norms.convert(net.double(), "bn")
+
+
+def _data(n: int = 37) -> torch.Tensor:
+    return (
+        torch.randn(n, 3, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+        + 2
+    )
+
+
+@pytest.mark.parametrize("sizes", [[37], [10, 10, 10, 7], [1, 5, 31], [2] * 18 + [1]])
+def test_first_layer_equals_concatenated_statistics(sizes):
+    model, x = _model(), _data()
+    update_population_stats(model, lambda: x.split(sizes))
+    with torch.no_grad():
+        feats = model[0](x)
+    bn = model[1]
+    torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, feats.var((0, 2, 3), unbiased=True))
+
+
+def test_batch_mean_estimator_is_eq3():
+    model, x = _model(), _data(36)
+    update_population_stats(model, lambda: x.split(6), estimator="batch_mean")
+    with torch.no_grad():
+        feats = model[0](x)
+    expected = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats.split(6)]).mean(0)
+    torch.testing.assert_close(model[1].running_var, expected)
+
+
+def _one_batch_stats(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every BN layer's statistics with the whole population as one batch, by hand.
+
+    Each BN normalizes with the mean and unbiased variance (the ``N/(N−1)`` of Eq. 2, which is
+    what ``running_var`` stores) of its whole input; an independent sequential forward.
+    """
+    out = []
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.BatchNorm2d):
+                mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=True)
+                out.append((mean, var))
+                x = torch.nn.functional.batch_norm(
+                    x, mean, var, module.weight, module.bias, False, 0.0, module.eps
+                )
+            else:
+                x = module(x)
+    return out
+
+
+def test_layerwise_equals_whole_population_as_one_batch():
+    model, x = _model(), _data()
+    expected = _one_batch_stats(model, x)
+    update_population_stats(model, lambda: x.split(4), layerwise=True)
+    for layer, (mean, var) in zip(norms.bn_layers(model), expected):
+        torch.testing.assert_close(layer.running_mean, mean)
+        torch.testing.assert_close(layer.running_var, var)
+
+
+def test_split_approximation_differs_in_deeper_layers():
+    """Without layerwise, deeper layers see batch-normalized inputs (Rethinking §3.2)."""
+    model, x = _model(), _data()
+    expected = _one_batch_stats(model, x)
+    update_population_stats(model, lambda: x.split(4))
+    deep = norms.bn_layers(model)[-1]
+    assert not torch.allclose(deep.running_var, expected[-1][1], rtol=1e-6)
+
+
+def test_preserved_population_restores_ema_and_ghost_layers_report_whole_batch():
+    model, x = _model(), _data()
+    norms.convert(model, "ghost", nbs=2)
+    for chunk in x.split(8):
+        model.train()(chunk)
+    before = [m.running_var.clone() for m in norms.bn_layers(model)]
+    with preserved_population(model):
+        update_population_stats(model, lambda: [x])
+        changed = [m.running_var.clone() for m in norms.bn_layers(model)]
+    after = [m.running_var for m in norms.bn_layers(model)]
+    for a, b, c in zip(before, changed, after):
+        assert torch.equal(a, c) and not torch.equal(a, b)
+    assert model.training
+
+
+def test_other_bn_family_layers_get_precise_stats():
+    for name, opts in [("brn", {}), ("frozen", {}), ("batch_eval", {})]:
+        model, x = _model(), _data()
+        norms.convert(model, name, **opts)
+        update_population_stats(model, lambda x=x: x.split(10))
+        with torch.no_grad():
+            feats = model[0](x)
+        torch.testing.assert_close(model[1].running_mean, feats.mean((0, 2, 3)))

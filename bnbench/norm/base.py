@@ -58,9 +58,9 @@ def check_momentum(momentum: float) -> float:
 def check_positive(name: str, value: int | None, *, allow_none: bool = True) -> int | None:
     if value is None and allow_none:
         return None
-    if value is None or int(value) != value or int(value) < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BnbenchError(f"{name}={value}: must be a positive integer")
-    return int(value)
+    return value
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -160,24 +160,27 @@ def grouped_batch_norm(
 def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, int]:
     """Mean and biased variance over the batches of all processes in ``group`` (SyncBN).
 
-    Each process contributes ``Σx``, ``Σx²`` and its element count; one differentiable all-reduce
+    Each process contributes ``Σx``, ``Σx²`` and its element count (row sums in the input
+    precision, combined in float64 as in :func:`_group_moments`); one differentiable all-reduce
     sums them, so gradients reach every process's input (as in ``torch.nn.SyncBatchNorm``) and
-    unequal or empty per-process batches are weighted by count. Computed in fp32 at least.
+    unequal or empty per-process batches are weighted by count.
     """
     from torch.distributed.nn.functional import all_reduce
 
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    dims = [0, *range(2, x.dim())]
-    count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=xf.dtype, device=x.device)
-    packed = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-    packed = all_reduce(packed, group=group)
-    c = x.shape[1]
+    n, c = x.shape[0], x.shape[1]
+    xv = (x if x.dtype in (torch.float32, torch.float64) else x.float()).reshape(1, n, c, -1)
+    count = torch.full((1,), float(xv.shape[1] * xv.shape[3]), dtype=torch.float64,
+                       device=x.device)
+    s1 = xv.sum(dim=3).sum(dim=(0, 1), dtype=torch.float64)
+    s2 = _row_dot(xv, xv).sum(dim=(0, 1), dtype=torch.float64)
+    packed = all_reduce(torch.cat([s1, s2, count]), group=group)
     total = int(packed[-1].item())
     if total == 0:
         raise BnbenchError("syncbn: every process in the group has an empty batch")
     mean = packed[:c] / total
     var = (packed[c : 2 * c] / total - mean * mean).clamp_min(0)
-    return mean, var, total
+    dtype = torch.float32 if x.dtype != torch.float64 else x.dtype
+    return mean.to(dtype), var.to(dtype), total
 
 
 def normalize(

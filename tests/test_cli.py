@@ -1,0 +1,171 @@
+"""The command line: every bad input is one line and exit 2; end-to-end runs through Hydra."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnbench import cli
+
+#: A seconds-long configuration of the main job (tiny synthetic data, narrow model).
+TINY = ["dataset.num_train=256", "dataset.num_val=64", "dataset.resolution=8", "model.width=0.125",
+        "trainer.batch_size=32", "precise.num_samples=128", "precise.batch_size=64",
+        "eval.batch_size=64", "trainer.threads=1"]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
+    full_env = {**os.environ, "BNBENCH_CACHE": str(cwd / "cache"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bnbench", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("bnbench: error: ")
+    return err[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["trainer.epoch=3"], "unknown key trainer.epoch; valid keys here: epochs"),
+    (["trainer.epochs=abc"], "trainer.epochs"),
+    (["+norm=nope"], "norm=nope: unknown option; choose one of bn"),
+    (["model=resnet1"], "model=resnet1: unknown option; choose one of"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0: must be positive"),
+    (["trainer.epochs=-1"], "trainer.epochs=-1: must be positive"),
+    (["optim.lr=0"], "optim.lr=0.0: must be positive"),
+    (["norm.window=3"], "norm=bn: unknown option window; valid options:"),
+    (["+norm=gn", "norm.nbs=2"], "norm=gn: unknown option nbs"),
+    (["-m", "+norm=bn,gn", "trainer.batch_size=8,0"], "trainer.batch_size=0"),
+    (["optim.schedule=linear"], "optim.schedule=linear: choose one of cosine, step"),
+    (["hydra.run.dir=/proc/nope/run"], "not writable"),
+])
+def test_bad_overrides_are_one_line(args, needle, capsys):
+    assert cli.main(["train", *args]) == 2
+    assert needle in error_line(capsys)
+
+
+def test_unknown_command_and_usage(capsys):
+    assert cli.main(["fly"]) == 2
+    assert "unknown command" in error_line(capsys)
+    assert cli.main(["--help"]) == 0
+
+
+@pytest.mark.parametrize("args", [["+norm=cbn"], ["+norm=ghost", "norm.nbs=2"],
+                                  ["+norm=brn"], ["+norm=syncbn"], ["+norm=frozen"]])
+def test_documented_forms_compose(args):
+    cli.validate_overrides(args)
+
+
+def test_cfg_job_prints_config(tmp_path):
+    out = run_cli("train", "+norm=gn", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "name: gn" in out.stdout and "epochs: 5" in out.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_gn_run_end_to_end(tmp_path):
+    out = run_cli("train", "+norm=gn", *TINY, "trainer.epochs=1", "hydra.run.dir=run",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "run"
+    summary = _summary(run)
+    assert set(summary["final_top1"]) == {"none"}  # GN: one accuracy
+    assert "final top-1: top-1" in out.stdout
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {e["stats"] for e in events if e["split"] == "val"} == {"none"}
+    assert (run / ".hydra" / "config.yaml").exists() and (run / "checkpoints" / "last.pt").exists()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_bn_run_logs_ema_and_precise(tmp_path):
+    out = run_cli("train", *TINY, "trainer.epochs=2", "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "run"
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [e for e in events if e["split"] == "val"]
+    assert [(e["epoch"], e["stats"]) for e in val] == [(1, "ema"), (1, "precise"), (2, "ema"),
+                                                        (2, "precise")]
+    for e in events:
+        assert {"epoch", "iter", "split", "stats", "top1", "loss", "time"} <= set(e)
+    summary = _summary(run)
+    assert set(summary["final_top1"]) == {"ema", "precise"}
+    assert summary["global_batch"] == 32 and summary["normalization_batch"] == 32
+    assert "EMA" in out.stdout and "PreciseBN" in out.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"train/loss", "val/top1_ema", "val/top1_precise"} <= set(acc.Tags()["scalars"])
+
+
+def test_multirun_sweep_one_dir_per_job(tmp_path):
+    out = run_cli("train", "-m", "+norm=bn,gn", "trainer.batch_size=8,32", *TINY[:4],
+                  "trainer.max_iters=2", "precise.num_samples=64", "hydra.sweep.dir=sweep",
+                  cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    dirs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/summary.json"))
+    assert len(dirs) == 4
+    seen = {(_summary(d)["norm"]["name"], _summary(d)["batch_per_process"]) for d in dirs}
+    assert seen == {("bn", 8), ("bn", 32), ("gn", 8), ("gn", 32)}
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    args = ["train", *TINY, "trainer.epochs=3", "precise.enabled=false"]
+    ref = run_cli(*args, "hydra.run.dir=ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    env = {**os.environ, "BNBENCH_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "bnbench", *args, "hydra.run.dir=cut"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = tmp_path / "cut" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    state = torch.load(ckpt, weights_only=False)["state"]
+    assert state["epoch"] < 3  # killed before the end
+    resumed = run_cli(*args, "hydra.run.dir=cut", "trainer.resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _summary(tmp_path / "ref"), _summary(tmp_path / "cut")
+    assert a["final_top1"] == b["final_top1"] and a["iterations"] == b["iterations"]
+    wa = torch.load(tmp_path / "ref/checkpoints/last.pt", weights_only=False)["model"]
+    wb = torch.load(ckpt, weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
+    out = run_cli("train", *TINY, "trainer.epochs=3", "optim.lr=1e30", "optim.warmup_epochs=0",
+                  "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("bnbench: error: loss became") and "iteration" in lines[-1]
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["trainer.batch_size=512"], "exceeds the 256 training images"),
+    (["+norm=ghost", "norm.nbs=1", "model.small_input=false"], "1 value per channel"),
+    (["dataset=imagefolder", "dataset.root=/nonexistent"], "/nonexistent"),
+    (["+norm=gn", "norm.groups=5"], "norm.groups=5"),
+])
+def test_bad_runtime_inputs_are_one_line(args, needle, tmp_path):
+    out = run_cli("train", *TINY, *args, "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("bnbench: error: ") and needle in last, out.stderr
+    assert "Traceback" not in out.stderr

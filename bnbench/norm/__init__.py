@@ -46,7 +46,8 @@ def _sync_group(options: dict[str, Any]) -> dict[str, Any]:
     from bnbench.distributed import sync_process_group
 
     options = dict(options)
-    return {**options, "process_group": sync_process_group(options.pop("group_size", 0))}
+    group_size = options.pop("group_size", 0)  # popped before the rest is passed on
+    return {**options, "process_group": sync_process_group(group_size)}
 
 
 def _frozen(num_features: int, *, freeze_affine: bool = False, **options: Any) -> BatchNorm2d:

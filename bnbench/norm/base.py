@@ -31,6 +31,7 @@ As in PyTorch, the variance averaged into the EMA is the unbiased one, ``σ²_S 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -84,6 +85,14 @@ def _group_moments(xv: Tensor) -> tuple[Tensor, Tensor]:
     return mean.to(xv.dtype), var.to(xv.dtype)
 
 
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over ``(N, H, W)`` in fp32 at least (no autograd
+    intended: EMA, PreciseBN and BRN's corrections)."""
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    mean, var = _group_moments(xs.reshape(1, x.shape[0], x.shape[1], math.prod(x.shape[2:])))
+    return mean[0], var[0]
+
+
 class _GroupedBatchNorm(torch.autograd.Function):
     """BN over contiguous groups of samples in one pass (GhostBN), with an analytic backward.
 
@@ -110,7 +119,10 @@ class _GroupedBatchNorm(torch.autograd.Function):
         y = torch.addcmul(shift[:, None, :, None], xv, scale[:, None, :, None])
         ctx.save_for_backward(xv, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, var)
-        return y.view_as(x), mean, var
+        ctx.x_shape = x.shape
+        # y in the (G, n, C, L) layout: a view made in here could not be modified in place
+        # (inplace ReLU after BN); grouped_batch_norm views it as x outside the Function.
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _gm: Tensor, _gv: Tensor):
@@ -126,7 +138,7 @@ class _GroupedBatchNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.addcmul(c[:, None, :, None], xv, b[:, None, :, None])
             grad_x.addcmul_(g, a[:, None, :, None])
-            grad_x = grad_x.view(grad_y.shape)
+            grad_x = grad_x.view(ctx.x_shape)
         grad_w = (invstd * sum_gxmu).sum(0) if ctx.needs_input_grad[1] else None
         grad_b = sum_g.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
@@ -149,7 +161,7 @@ def grouped_batch_norm(
     ys, means, vars_, counts = [], [], [], []
     for start, stop, groups in parts:
         y, mean, var = _GroupedBatchNorm.apply(x[start:stop], weight, bias, groups, eps)
-        ys.append(y)
+        ys.append(y.view(x[start:stop].shape))
         means.append(mean)
         vars_.append(var)
         counts.append(torch.full((groups,), (stop - start) // groups * length, device=x.device))
@@ -168,7 +180,8 @@ def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, i
     from torch.distributed.nn.functional import all_reduce
 
     n, c = x.shape[0], x.shape[1]
-    xv = (x if x.dtype in (torch.float32, torch.float64) else x.float()).reshape(1, n, c, -1)
+    length = math.prod(x.shape[2:])  # not -1: an empty batch (n = 0) must reshape too
+    xv = (x if x.dtype in (torch.float32, torch.float64) else x.float()).reshape(1, n, c, length)
     count = torch.full((1,), float(xv.shape[1] * xv.shape[3]), dtype=torch.float64,
                        device=x.device)
     s1 = xv.sum(dim=3).sum(dim=(0, 1), dtype=torch.float64)
@@ -347,9 +360,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     def _observed_forward(self, x: Tensor) -> Tensor:
         """PreciseBN: normalize with the whole per-process batch and report its statistics."""
         self._check_group_size(x, x.shape[0])
-        dims = [0, *range(2, x.dim())]
-        xs = x.detach() if x.dtype == torch.float64 else x.detach().float()
-        var, mean = torch.var_mean(xs, dim=dims, correction=0)
+        mean, var = batch_moments(x.detach())
         count = x.numel() // x.shape[1]
         self._observer(self, self._slot(), mean, var, count)
         weight, bias = self._affine()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d
+from bnbench.norm.base import BatchNorm2d, batch_moments
 
 
 def ramp(t: float, start: float, end: float, final: float, initial: float) -> float:
@@ -73,13 +73,11 @@ class BatchRenorm2d(BatchNorm2d):
             return super()._train_forward(x)
         self._check_group_size(x, x.shape[0])
         with torch.no_grad():
-            dims = [0, *range(2, x.dim())]
-            xs = x if x.dtype == torch.float64 else x.float()  # statistics in fp32 at least
-            var_b, mean_b = torch.var_mean(xs, dim=dims, correction=0)
+            mean_b, var_b = batch_moments(x)
             std_b = (var_b + self.eps).sqrt()
-            std = (self.running_var.to(xs.dtype) + self.eps).sqrt()
+            std = (self.running_var.to(var_b.dtype) + self.eps).sqrt()
             r = (std_b / std).clamp(1.0 / rmax, rmax)
-            d = ((mean_b - self.running_mean.to(xs.dtype)) / std).clamp(-dmax, dmax)
+            d = ((mean_b - self.running_mean.to(var_b.dtype)) / std).clamp(-dmax, dmax)
         gamma = self.weight if self.weight is not None else torch.ones_like(r)
         beta = self.bias if self.bias is not None else torch.zeros_like(d)
         self.num_batches_tracked.add_(1)

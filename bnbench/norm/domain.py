@@ -86,7 +86,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d, check_positive, grouped_batch_norm, sync_moments
+from bnbench.norm.base import (
+    BatchNorm2d,
+    batch_moments,
+    check_positive,
+    grouped_batch_norm,
+    sync_moments,
+)
 
 MODES = ("domain", "shared")
 
@@ -327,8 +333,7 @@ class DomainBatchNorm2d(BatchNorm2d):
             elif x.shape[0] == 0:
                 continue
             elif self.nbs is None or self.nbs >= x.shape[0]:
-                xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-                var, mean = torch.var_mean(xf, dim=[0, 2, 3], correction=0)
+                mean, var = batch_moments(x)
                 count = x[0, 0].numel() * x.shape[0]
                 stats = mean[None], var[None], torch.tensor([count], device=x.device)
             else:

@@ -1,0 +1,474 @@
+"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021, arXiv 2002.05712).
+
+CBN (paper §3) normalizes with statistics averaged over the last ``k`` iterations (``window``),
+the earlier ones corrected to the current weights by a first-order Taylor expansion. Per channel,
+with ``μ = E[x]`` and ``ν = E[x²]`` of the layer input over the ``M = N·H·W`` positions,
+
+    μ_{t−τ}(θ_t) ≈ μ_{t−τ} + ρ ⟨∂μ_{t−τ}/∂W, W_t − W_{t−τ}⟩          (same for ν)
+    μ̄_t = (1/k) Σ_{τ=0..k−1} μ_{t−τ}(θ_t)
+    ν̄_t = (1/k) Σ_{τ=0..k−1} max(ν_{t−τ}(θ_t), μ_{t−τ}(θ_t)²)
+    σ̄²_t = ν̄_t − μ̄_t²,        y = γ (x − μ̄_t) / sqrt(σ̄²_t + ε) + β.
+
+The expansion is truncated to the weights ``W`` (and bias ``b``) of the conv directly before the
+layer (paper §3: the gradients through earlier layers are small), so every CBN layer is paired with
+its conv (:func:`pair_convs`, :meth:`CrossIterationBatchNorm2d.pair`). Only the current ``μ_t, ν_t``
+carry gradient; the compensated earlier terms, the stored Jacobians and weights are constants.
+``ρ = 0`` is naive CBN (the paper's ablation, §4); ``window = 1`` is BN; for the first ``burnin``
+iterations the layer is plain BN and keeps no history; right after burn-in, fewer than ``k``
+iterations exist and the average is over those that do. ε is added to the variance (standard BN).
+
+Implementation (our choices, exact in exact arithmetic):
+
+* Jacobians are analytic, from the conv's input ``x`` and output ``y`` of the iteration, no
+  autograd pass: for output channel ``j`` (of group ``g``) ``∂μ_j/∂W_j`` is the mean input patch
+  of group ``g`` (shared by the channels of a group: stored once per group), ``∂ν_j/∂W_j =
+  (2/M) Σ_p y_j(p)·patch(p)`` is the conv's weight gradient for the output gradient ``2y/M``,
+  ``∂μ_j/∂b_j = 1`` and ``∂ν_j/∂b_j = 2μ_j``.
+* Past weights are not stored. ``μ`` is linear and ``ν`` quadratic (homogeneous) in the conv's
+  ``(W, b)``, so by Euler's identity ``⟨∂μ/∂W, W⟩ + b = μ`` and ``⟨∂ν/∂W, W⟩ + 2μb = 2ν`` at the
+  stored iteration, and the compensation of an entry is
+
+      Δμ = ρ (⟨∂μ/∂W, W_t⟩ + b_t − μ_{t−τ}),   Δν = ρ (⟨∂ν/∂W, W_t⟩ + 2 μ_{t−τ} b_t − 2 ν_{t−τ})
+
+  — equal to ``ρ ⟨J, (W_t, b_t) − (W_{t−τ}, b_{t−τ})⟩`` and one batched matrix product over the
+  window (saves ``k−1`` copies of every conv weight and a pass over them per step).
+* Statistics are kept as ``(μ, σ² = ν − μ²)`` and combined in the equivalent, cancellation-free
+  form ``σ̄² = mean_τ σ²_τ(θ_t)⁺ + mean_τ (μ_τ(θ_t) − μ̄)²``, where
+  ``σ²(θ_t) = σ² + Δν − Δμ (2μ + Δμ)``; ``max(ν, μ²)`` is ``σ²(θ_t)⁺ = max(σ²(θ_t), 0)``.
+* ``neg_var="drop"`` (the official code) leaves out the earlier ``(iteration, channel)`` entries
+  whose compensated ``ν − μ²`` is negative and divides by the count kept. The current iteration's
+  variance is non-negative by construction and is always kept, so the count is at least one (an
+  all-dropped channel falls back to the current statistics).
+* The history (the last ``k−1`` iterations) lives in buffers, so it is in the state dict and
+  survives checkpoint/resume. Statistics are computed in fp32 (fp64 for fp64 models), also under
+  autocast. The EMA population statistics are updated from the current batch only, as in BN
+  (unbiased variance); ``num_batches_tracked`` is also the iteration count of the burn-in.
+
+Not the official code's quirks: ε on the std, unbiased variance in the normalization, γ ~ U(0, 1),
+history in Python lists, two extra autograd passes per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
+
+from bnbench.errors import BnbenchError
+from bnbench.norm.base import BatchNorm2d, _group_moments, _row_dot, check_positive
+
+CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "window", "burnin", "rho",
+                         "neg_var"})
+NEG_VAR = ("clamp", "drop")
+
+#: History buffers whose shape depends on the paired conv (allocated by ``pair``).
+_CONV_BUFFERS = ("hist_dmean", "hist_dsq")
+_HISTORY = ("hist_mean", "hist_var", "hist_state", *_CONV_BUFFERS)
+
+
+class _Pending:
+    """The paired conv's latest input and output shape; transient: never copied or pickled."""
+
+    __slots__ = ("input", "shape")
+
+    def __init__(self) -> None:
+        self.input: Tensor | None = None
+        self.shape: tuple[int, ...] | None = None
+
+    def clear(self) -> None:
+        self.input, self.shape = None, None
+
+    def __deepcopy__(self, memo: dict) -> _Pending:
+        return _Pending()
+
+    def __reduce__(self):
+        return (_Pending, ())
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
+class _WindowBatchNorm(torch.autograd.Function):
+    """BN with statistics pooled over the current batch and constant earlier entries.
+
+    ``x`` ``(N, C, H, W)``; ``past_mean``, ``past_var`` (≥ 0), ``past_keep`` (0/1) ``(L, C)`` in the
+    compute dtype. With ``n = 1 + Σ keep`` per channel, the window statistics are
+
+        μ̄ = (μ_t + Σ keep·μ_τ) / n,   σ̄² = (σ²_t + (μ_t − μ̄)² + Σ keep·(σ²_τ + (μ_τ − μ̄)²)) / n
+
+    so ``∂μ̄/∂x_i = 1/(nM)``, ``∂σ̄²/∂x_i = 2(x_i − μ̄)/(nM)`` and the backward is BN's with ``M``
+    replaced by ``nM`` and ``x̂ = (x − μ̄)/sqrt(σ̄² + ε)``:
+
+        ∂x = γ r (∂y − Σ∂y / (nM) − x̂ · Σ(∂y x̂) / (nM)),   ∂γ = Σ ∂y x̂,   ∂β = Σ ∂y.
+
+    Returns ``y`` and the current batch's biased ``(mean, var)`` (``(C,)``, no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, past_mean: Tensor,
+                past_var: Tensor, past_keep: Tensor, eps: float):
+        with _no_autocast(x.device):
+            n, c = x.shape[0], x.shape[1]
+            cd = past_mean.dtype
+            xv = x.reshape(1, n, c, -1)
+            mean, var = _group_moments(xv if xv.dtype == cd else xv.to(cd))
+            mean, var = mean[0], var[0]
+            count = 1 + past_keep.sum(0)
+            wmean = (mean + (past_keep * past_mean).sum(0)) / count
+            spread = past_var + (past_mean - wmean).square()
+            wvar = (var + (mean - wmean).square() + (past_keep * spread).sum(0)) / count
+            invstd = torch.rsqrt(wvar + eps)
+            scale = invstd if weight is None else invstd * weight.to(cd)
+            shift = -wmean * scale if bias is None else bias.to(cd) - wmean * scale
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            # computed in x's shape: an output that is a view would forbid in-place ReLU after it
+            y = torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+        ctx.save_for_backward(x, weight, wmean, invstd, count)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _gm: Tensor, _gv: Tensor):
+        x, weight, wmean, invstd, count = ctx.saved_tensors
+        cd = wmean.dtype
+        with _no_autocast(x.device):
+            n, c = x.shape[0], x.shape[1]
+            xv = x.reshape(1, n, c, -1)
+            g = grad_y.reshape(xv.shape)
+            if xv.dtype != cd:
+                xv, g = xv.to(cd), g.to(cd)
+            nm = count * (n * xv.shape[3])
+            sum_g = g.sum(dim=3).sum(dim=1, dtype=torch.float64)[0]
+            sum_gx = _row_dot(g, xv).sum(dim=1, dtype=torch.float64)[0]
+            sum_gxmu = (sum_gx - wmean.double() * sum_g).to(cd)
+            sum_g = sum_g.to(cd)
+            a = invstd if weight is None else invstd * weight.to(cd)
+            b = -a * invstd * invstd * sum_gxmu / nm
+            cc = -a * sum_g / nm - b * wmean
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                shape = (1, c) + (1,) * (x.dim() - 2)
+                grad_x = torch.addcmul(cc.view(shape), xv.view(x.shape), b.view(shape))
+                grad_x.addcmul_(g.view(x.shape), a.view(shape))
+                grad_x = grad_x.to(grad_y.dtype)
+            grad_w = (invstd * sum_gxmu).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_b = sum_g.to(weight.dtype if weight is not None else cd) \
+                if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class CrossIterationBatchNorm2d(BatchNorm2d):
+    """Cross-Iteration BN (see the module docstring); pair it with its conv before training.
+
+    Args:
+        num_features: channels ``C``.
+        window: ``k``, iterations averaged including the current one (≥ 1; 1 = BN).
+        burnin: iterations of plain BN first (counted by ``num_batches_tracked``); no history is
+            kept during burn-in.
+        rho: scale of the Taylor compensation (1 = CBN, 0 = naive CBN). Fixed at construction:
+            the Jacobian buffers are only allocated for ``rho != 0``.
+        neg_var: ``"clamp"`` (paper: ``max(ν, μ²)`` per entry) or ``"drop"`` (official code: drop
+            earlier entries with negative compensated variance, average over those kept).
+        eps, momentum, eval_stats, eval_nbs: as :class:`BatchNorm2d` (GhostBN/SyncBN excluded).
+
+    Buffers (all in the state dict): ``hist_mean``, ``hist_var`` ``(k−1, C)`` — mean and biased
+    variance of the stored iterations; ``hist_state`` ``[count, next slot]`` of the ring; and,
+    once paired (``rho != 0``): ``hist_dmean`` ``(k−1, G, C_in/G·kh·kw)`` — ∂μ/∂W per conv
+    group; ``hist_dsq`` ``(C, k−1, C_in/G·kh·kw)`` — ∂ν_j/∂W_j, channel-major so that the window's
+    compensation is one batched product. Ring slots ``[0, count)`` are valid (order is irrelevant
+    to the average).
+    """
+
+    def __init__(self, num_features: int, *args: Any, window: int = 4, burnin: int = 0,
+                 rho: float = 1.0, neg_var: str = "clamp", **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        if self.nbs is not None or self.process_group is not None:
+            raise BnbenchError("cbn: statistics of the per-process batch; nbs/sync are not "
+                               "supported")
+        if isinstance(window, bool):
+            raise BnbenchError(f"cbn.window={window}: must be a positive integer")
+        self.window = check_positive("cbn.window", window, allow_none=False)
+        if isinstance(burnin, bool) or int(burnin) != burnin or int(burnin) < 0:
+            raise BnbenchError(f"cbn.burnin={burnin}: must be a non-negative integer (iterations)")
+        self.burnin = int(burnin)
+        if not math.isfinite(float(rho)):
+            raise BnbenchError(f"cbn.rho={rho}: must be a finite number")
+        self.rho = float(rho)
+        if neg_var not in NEG_VAR:
+            raise BnbenchError(f"cbn.neg_var={neg_var}: choose one of {', '.join(NEG_VAR)}")
+        self.neg_var = neg_var
+        dev = self.running_mean.device
+        hd = torch.float64 if self.running_mean.dtype == torch.float64 else torch.float32
+        k1 = self.window - 1
+        self.register_buffer("hist_mean", torch.zeros(k1, num_features, device=dev, dtype=hd))
+        self.register_buffer("hist_var", torch.zeros(k1, num_features, device=dev, dtype=hd))
+        self.register_buffer("hist_state", torch.zeros(2, dtype=torch.long, device=dev))
+        for name in _CONV_BUFFERS:
+            self.register_buffer(name, torch.zeros(0, device=dev, dtype=hd))
+        object.__setattr__(self, "_paired_conv", None)
+        object.__setattr__(self, "_hook_id", None)
+        object.__setattr__(self, "_pending", _Pending())
+        self.layer_name: str | None = None
+
+    def extra_repr(self) -> str:
+        extra = [f"window={self.window}", f"burnin={self.burnin}", f"rho={self.rho}",
+                 f"neg_var={self.neg_var}"]
+        return ", ".join([super().extra_repr(), *extra])
+
+    def _describe(self) -> str:
+        return (f"layer {self.layer_name}" if self.layer_name
+                else f"{type(self).__name__}({self.num_features})")
+
+    @property
+    def paired_conv(self) -> nn.Conv2d | None:
+        return self._paired_conv
+
+    def _needs_jacobians(self) -> bool:
+        return self.rho != 0.0 and self.window > 1
+
+    # -- history ----------------------------------------------------------------------------------
+    def reset_history(self) -> None:
+        """Forget the stored iterations (the next training step starts a new window)."""
+        if hasattr(self, "hist_state"):
+            self.hist_state.zero_()
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()  # also restarts the burn-in (num_batches_tracked = 0)
+        self.reset_history()
+
+    def history_length(self) -> int:
+        return int(self.hist_state[0])
+
+    def _conv_shapes(self, conv: nn.Conv2d) -> dict[str, tuple[int, ...]]:
+        k1, c = self.window - 1, self.num_features
+        if not self._needs_jacobians():
+            return {name: (0,) for name in _CONV_BUFFERS}
+        per_group = conv.weight[0].numel()
+        return {"hist_dmean": (k1, conv.groups, per_group), "hist_dsq": (c, k1, per_group)}
+
+    # -- pairing ----------------------------------------------------------------------------------
+    def pair(self, conv: nn.Conv2d) -> None:
+        """Pair with the conv whose output this layer normalizes (its input is recorded by a
+        forward hook). Allocates the Jacobian buffers for the conv's shape (keeping the history
+        if the shape is unchanged), so ``load_state_dict`` works before the first forward.
+
+        The conv is not registered as a submodule (the module tree and state dict are unchanged).
+        The pair survives ``.to()``, ``copy.deepcopy`` and pickling of a model holding both.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise BnbenchError(f"cbn: {self._describe()} can only pair with an nn.Conv2d, "
+                               f"got {type(conv).__name__}")
+        if conv.out_channels != self.num_features:
+            raise BnbenchError(f"cbn: {self._describe()} has {self.num_features} channels but "
+                               f"the conv it pairs with has {conv.out_channels} outputs")
+        old = self._paired_conv
+        if old is not None and self._hook_id is not None:
+            old._forward_hooks.pop(self._hook_id, None)
+        handle = conv.register_forward_hook(self._conv_hook)
+        object.__setattr__(self, "_paired_conv", conv)
+        object.__setattr__(self, "_hook_id", handle.id)
+        self._pending.clear()
+        changed = False
+        for name, shape in self._conv_shapes(conv).items():
+            buf = getattr(self, name)
+            if tuple(buf.shape) != shape:
+                setattr(self, name, torch.zeros(shape, device=buf.device, dtype=buf.dtype))
+                changed = True
+        if changed:
+            self.reset_history()
+
+    def _conv_hook(self, conv: nn.Module, args: tuple, output: Any) -> None:
+        if self.training and conv is self._paired_conv:
+            self._pending.input = args[0] if args and isinstance(args[0], Tensor) else None
+            self._pending.shape = tuple(output.shape) if isinstance(output, Tensor) else None
+
+    def _conv_input(self, x: Tensor) -> Tensor:
+        if self._paired_conv is None:
+            raise BnbenchError(f"cbn: {self._describe()} is not paired with its Conv2d; call "
+                               "bnbench.norm.cbn.pair_convs(model) (or layer.pair(conv))")
+        pending = self._pending
+        if pending.input is None or pending.shape != tuple(x.shape):
+            got = "did not run" if pending.shape is None else f"produced {list(pending.shape)}"
+            raise BnbenchError(f"cbn: {self._describe()} got an input of shape {list(x.shape)} "
+                               f"but its paired conv {got} just before; CBN must directly follow "
+                               "the conv it is paired with")
+        return pending.input
+
+    # -- state dict -------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        keys = [prefix + name for name in _HISTORY]
+        if not any(key in state_dict for key in keys):
+            # A checkpoint without history (e.g. of plain BN): start with an empty window.
+            before = len(missing_keys)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            missing_keys[before:] = [k for k in missing_keys[before:] if k not in keys]
+            self.reset_history()
+            return
+        if self._paired_conv is None:  # not paired yet: take the stored shapes
+            for name in _CONV_BUFFERS:
+                src, buf = state_dict.get(prefix + name), getattr(self, name)
+                if isinstance(src, Tensor) and src.shape != buf.shape:
+                    setattr(self, name, torch.zeros(src.shape, device=buf.device,
+                                                    dtype=buf.dtype))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        try:
+            return super().forward(x)
+        finally:
+            self._pending.clear()
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        if self.window == 1 or int(self.num_batches_tracked) < self.burnin:
+            return super()._train_forward(x)
+        self._check_group_size(x, x.shape[0])
+        conv_input = self._conv_input(x) if self._needs_jacobians() else None
+        cd = torch.float64 if self.hist_mean.dtype == torch.float64 else torch.float32
+        length, pos = self.hist_state.tolist()
+        with _no_autocast(x.device):
+            with torch.no_grad():
+                past_mean, past_var, past_keep = self._compensated(length, cd)
+            weight, bias = self._affine()
+            y, mean, var = _WindowBatchNorm.apply(x.contiguous(), weight, bias, past_mean,
+                                                  past_var, past_keep, self.eps)
+            with torch.no_grad():
+                count = x.numel() // x.shape[1]
+                self._update_population(mean[None], var[None],
+                                        torch.full((1,), count, device=x.device))
+                self._push(pos, length, mean, var, conv_input, x, cd)
+        return y
+
+    def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        conv = self._paired_conv
+        w = conv.weight.detach().to(cd).reshape(conv.out_channels, -1)
+        b = conv.bias.detach().to(cd) if conv.bias is not None else None
+        return w, b
+
+    def _compensated(self, length: int, cd: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Earlier iterations' ``(μ, σ²⁺, keep)`` ``(L, C)`` at the current weights."""
+        mean = self.hist_mean[:length].to(cd)
+        var = self.hist_var[:length].to(cd)
+        if length and self._needs_jacobians():
+            conv = self._paired_conv
+            w, b = self._weights(cd)
+            dmean = _group_dot(w, self.hist_dmean[:length].to(cd), conv.groups)  # (L, C)
+            hist = self.hist_dsq[:, :length].to(cd)  # (C, L, P)
+            dsq = torch.bmm(w[:, None, :], hist.transpose(1, 2))[:, 0].t()  # (L, C)
+            dmean = dmean - mean  # ⟨J, W_t⟩ − ⟨J, W_{t−τ}⟩ (Euler), see the module docstring
+            dsq = dsq - 2 * (var + mean * mean)
+            if b is not None:
+                dmean = dmean + b
+                pass
+            dmean, dsq = self.rho * dmean, self.rho * dsq
+            var = var + dsq - dmean * (2 * mean + dmean)
+            mean = mean + dmean
+        keep = torch.ones_like(var) if self.neg_var == "clamp" else (var >= 0).to(cd)
+        return mean, var.clamp_min(0), keep
+
+    def _push(self, pos: int, length: int, mean: Tensor, var: Tensor, conv_input: Tensor | None,
+              y: Tensor, cd: torch.dtype) -> None:
+        """Store the current iteration in ring slot ``pos``."""
+        k1 = self.window - 1
+        self.hist_mean[pos] = mean
+        self.hist_var[pos] = var
+        if self._needs_jacobians():
+            dmean, dsq = self.jacobians(conv_input, y, cd)
+            self.hist_dmean[pos] = dmean
+            self.hist_dsq[:, pos] = dsq
+        self.hist_state[0] = min(length + 1, k1)
+        self.hist_state[1] = (pos + 1) % k1
+
+    @torch.no_grad()
+    def jacobians(self, conv_input: Tensor, y: Tensor,
+                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``∂μ/∂W`` ``(G, C_in/G·kh·kw)`` (per group) and ``∂ν_j/∂W_j`` ``(C, C_in/G·kh·kw)``
+        of the paired conv, from its input ``conv_input`` and output ``y`` (analytic)."""
+        conv = self._paired_conv
+        x = conv_input.detach()
+        padding = conv.padding
+        if isinstance(padding, str) or conv.padding_mode != "zeros":
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        x, y = x.to(dtype), y.detach().to(dtype)
+        m = y.shape[0] * y.shape[2] * y.shape[3]
+        with _no_autocast(x.device):
+            dsq = _weight_grad(x, y, conv, padding).mul_(2.0 / m)
+            ones = x.new_ones(1, 1, y.shape[2], y.shape[3])
+            patch = conv2d_weight(x.sum(0, keepdim=True), (1, *x.shape[1:2], *conv.kernel_size),
+                                  ones, conv.stride, padding, conv.dilation, 1)
+            dmean = patch.reshape(conv.groups, -1).div_(m)
+        return dmean, dsq
+
+
+def _group_dot(w: Tensor, patch: Tensor, groups: int) -> Tensor:
+    """``⟨patch_{l,g(j)}, W_j⟩`` ``(L, C)``: ``w`` ``(C, P)``, per-group ``patch`` ``(L, G, P)``."""
+    c, length = w.shape[0], patch.shape[0]
+    out = torch.bmm(w.view(groups, c // groups, -1), patch.permute(1, 2, 0))  # (G, C/G, L)
+    return out.reshape(c, length).t()
+
+
+def _weight_grad(x: Tensor, y: Tensor, conv: nn.Conv2d, padding: Any) -> Tensor:
+    """``Σ_p y_j(p)·patch(p)`` ``(C, C_in/G·kh·kw)``: the conv's weight gradient for ``∂y = y``.
+
+    On CPU, oneDNN's weight-gradient kernel is several times slower than one GEMM over the
+    unfolded input when the output is spatially small (``H_o·W_o ≤ 16``, ResNet's last stages);
+    the unfolded input is then small too (``N·C_in·kh·kw·H_o·W_o``), so use the GEMM there.
+    """
+    n, c = y.shape[0], y.shape[1]
+    spatial = y.shape[2] * y.shape[3]
+    if x.device.type == "cpu" and conv.groups == 1 and spatial <= 16:
+        cols = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)  # (N, P, L)
+        cols = cols.permute(1, 0, 2).reshape(cols.shape[1], n * spatial)
+        return y.transpose(0, 1).reshape(c, n * spatial) @ cols.t()
+    grad = conv2d_weight(x, conv.weight.shape, y, conv.stride, padding, conv.dilation,
+                         conv.groups)
+    return grad.reshape(c, -1)
+
+
+def _preceding_conv(model: nn.Module, name: str) -> nn.Conv2d | None:
+    """The conv a norm layer at dotted ``name`` follows: in an ``nn.Sequential`` the preceding
+    element, otherwise the sibling ``convX`` of an attribute ``bnX`` (torchvision ResNets)."""
+    if not name:
+        return None
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    conv = None
+    if isinstance(parent, nn.Sequential):
+        names = list(parent._modules)
+        index = names.index(attr)
+        conv = parent._modules[names[index - 1]] if index > 0 else None
+    elif attr.startswith("bn"):
+        conv = parent._modules.get("conv" + attr[2:])
+    return conv if isinstance(conv, nn.Conv2d) else None
+
+
+def pair_convs(model: nn.Module) -> None:
+    """Pair every :class:`CrossIterationBatchNorm2d` of ``model`` with the conv before it.
+
+    Rules: in an ``nn.Sequential`` the preceding element (ResNet ``downsample.0``/``.1``); a layer
+    at attribute ``bnX`` pairs with the sibling ``convX`` (ResNet stem ``conv1``/``bn1``, block
+    ``convJ``/``bnJ``). Run it after the norm layers are in place (``convert`` does); moving the
+    model with ``.to()`` afterwards is fine. A layer without a conv is an error.
+    """
+    for name, layer in model.named_modules():
+        if not isinstance(layer, CrossIterationBatchNorm2d):
+            continue
+        conv = _preceding_conv(model, name)
+        if conv is None:
+            raise BnbenchError(f"cbn: layer {name or '<root>'} has no preceding Conv2d to pair "
+                               "with")
+        layer.layer_name = name
+        layer.pair(conv)
+
+
+__all__ = ["CBN_OPTIONS", "NEG_VAR", "CrossIterationBatchNorm2d", "pair_convs"]

@@ -8,7 +8,9 @@ or group option, wrong type, bad value, unwritable output dir) ends in one line
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,6 +96,10 @@ def describe(err: BaseException) -> str:
         return f"{group}={name}: unknown option; choose one of {options}"
     cause = _root_cause(err)
     key = getattr(cause, "full_key", None)
+    override = re.match(r"Could not override '([^']+)'", str(err))
+    if override and not isinstance(cause, ValidationError):
+        key = override.group(1)
+        return f"unknown key {key}; valid keys here: {', '.join(_valid_keys(key))}"
     if isinstance(cause, ConfigKeyError) and key:
         return f"unknown key {key}; valid keys here: {', '.join(_valid_keys(key))}"
     if isinstance(cause, ValidationError) and key:
@@ -122,12 +128,14 @@ def _check_output_dir(overrides: list[str], multirun: bool) -> None:
     probe = target
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise BnbenchError(f"output dir {target}: not writable ({probe} is not a writable folder)")
+    try:  # a real write: permissions alone say nothing for root or special file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".bnbench-probe-", dir=probe))
+    except OSError as err:
+        raise BnbenchError(f"output dir {target}: not writable ({probe}: {err.strerror})") from err
 
 
-def validate_overrides(args: Sequence[str]) -> None:
-    """Compose the config of every job and check its values; raise BnbenchError."""
+def validate_overrides(args: Sequence[str]) -> list:
+    """Compose the config of every job and check its values (returned); raise BnbenchError."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -141,6 +149,7 @@ def validate_overrides(args: Sequence[str]) -> None:
     except Exception as err:
         raise BnbenchError(describe(err)) from err
     GlobalHydra.instance().clear()
+    cfgs = []
     with initialize_config_module("bnbench.configs", version_base="1.3"):
         for job in jobs:
             try:
@@ -148,26 +157,28 @@ def validate_overrides(args: Sequence[str]) -> None:
             except Exception as err:  # Hydra/OmegaConf composition errors
                 raise BnbenchError(describe(err)) from err
             validate(cfg)
+            cfgs.append(cfg)
     GlobalHydra.instance().clear()
+    return cfgs
 
 
 def _train(args: list[str]) -> int:
+    from bnbench import distributed as D
     from bnbench import hydra_app
 
     if not any(a in _NO_VALIDATION for a in args):
         try:
-            validate_overrides(args)
+            nprocs = {cfg.dist.nproc for cfg in validate_overrides(args)}
+            if len(nprocs) > 1:
+                raise BnbenchError("dist.nproc: every job of a sweep must use the same value")
+            nproc = nprocs.pop()
+            if D.should_launch(nproc, args):  # dist.nproc=N: N processes of this command
+                return D.launch_local(nproc, ["train", *args])
         except BnbenchError as err:
             return fail(str(err))
-    if int(os.environ.get("RANK", "0")) > 0:
-        # Other ranks of a torchrun job write no Hydra output (rank 0 owns the run dir).
-        args = [
-            *args,
-            "hydra.output_subdir=null",
-            "hydra/job_logging=none",
-            "hydra/hydra_logging=none",
-            "hydra.run.dir=.",
-        ]
+    if D.launch_rank() > 0:
+        # Other ranks of a torchrun job / srun step write no Hydra output (rank 0 owns the run dir).
+        args = [*args, *D.worker_overrides(split_overrides(args)[1])]
     sys.argv = ["bnbench train", *args]
     hydra_app.main()
     return 0

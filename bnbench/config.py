@@ -103,6 +103,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads; 0 = torch's default
     bf16: bool = False
+    float64: bool = False  # model and data in float64 (exact equivalence checks)
     channels_last: bool = False
     resume: bool = False
     checkpoint: bool = True

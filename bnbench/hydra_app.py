@@ -28,10 +28,14 @@ def main(cfg: DictConfig) -> float | None:
         run_dir = Path(HydraConfig.get().runtime.output_dir) if D.rank() == 0 else None
         summary = train(cfg, run_dir)
     except BnbenchError as err:
-        print(f"bnbench: error: {err}", file=sys.stderr, flush=True)
+        where = f"rank {D.rank()}/{D.world_size()}: " if D.world_size() > 1 else ""
+        print(f"bnbench: error: {where}{err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    finally:
-        if D.is_distributed():
-            D.dist.destroy_process_group()
+    except Exception as err:  # a peer died: say so in one line instead of a gloo/NCCL traceback
+        message = D.peer_failure(err)
+        if message is None:
+            raise
+        print(f"bnbench: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
     final = summary["final_top1"]
     return final.get("precise", final.get("ema", final.get("none")))

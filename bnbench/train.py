@@ -138,6 +138,8 @@ class Trainer:
             _norm_options(cfg, self.iters_per_epoch),
             self.data.num_classes,
         ).to(self.device)
+        if t.float64:
+            model = model.double()
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -175,6 +177,12 @@ class Trainer:
             world_size=self.world,
             device=self.device,
         )
+
+    def _cast(self, batches):
+        """Inputs in the model's precision (float64 for exact equivalence checks)."""
+        if not self.cfg.trainer.float64:
+            return batches
+        return ((x.double(), y) for x, y in batches)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint(self) -> None:
@@ -228,11 +236,12 @@ class Trainer:
             cfg.trainer.progress and self.rank == 0,
             f"epoch {epoch + 1}/{cfg.trainer.epochs}",
         )
-        for x, y in bar:
+        for x, y in self._cast(bar):
             lr = self._set_lr()
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+            logits = logits if logits.dtype == torch.float64 else logits.float()  # float64 runs
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
             if not torch.isfinite(loss):
                 raise BnbenchError(
                     f"loss became {loss.item()} at epoch {epoch + 1}, iteration "
@@ -279,7 +288,7 @@ class Trainer:
         steps = max(1, min(len(loader), per_rank // batch))
 
         def batches():
-            for i, (x, _) in enumerate(loader):
+            for i, (x, _) in enumerate(self._cast(loader)):
                 if i >= steps:
                     break
                 yield x
@@ -304,7 +313,7 @@ class Trainer:
                         estimator=cfg.precise.estimator,
                         layerwise=cfg.precise.layerwise,
                     )
-                results[kind] = evaluate(self.model, val, self.autocast)
+                results[kind] = evaluate(self.model, self._cast(val), self.autocast)
             results[kind]["time"] = time.perf_counter() - start
         return results
 
@@ -314,12 +323,15 @@ class Trainer:
         if cfg.trainer.resume:
             self._resume()
         log.info(
-            "model %s, norm %s, global batch %d (%d × %d processes), %d iterations/epoch",
+            "model %s, norm %s, global batch %d (%d × %d processes), normalization batch %s%s, "
+            "%d iterations/epoch",
             cfg.model.arch,
             cfg.norm.name,
             self.global_batch,
             cfg.trainer.batch_size,
             self.world,
+            _normalization_batch(cfg, self.world),
+            " (ShuffleBN)" if cfg.dist.shuffle_bn and self.world > 1 else "",
             self.iters_per_epoch,
         )
         for epoch in range(self.state.epoch, cfg.trainer.epochs):

@@ -37,7 +37,7 @@ def error_line(capsys) -> str:
 @pytest.mark.parametrize("args,needle", [
     (["trainer.epoch=3"], "unknown key trainer.epoch; valid keys here: epochs"),
     (["trainer.epochs=abc"], "trainer.epochs"),
-    (["+norm=nope"], "norm=nope: unknown option; choose one of bn"),
+    (["+norm=nope"], "norm=nope: unknown option; choose one of batch_eval, bn, brn, cbn"),
     (["model=resnet1"], "model=resnet1: unknown option; choose one of"),
     (["trainer.batch_size=0"], "trainer.batch_size=0: must be positive"),
     (["trainer.epochs=-1"], "trainer.epochs=-1: must be positive"),
@@ -47,6 +47,7 @@ def error_line(capsys) -> str:
     (["-m", "+norm=bn,gn", "trainer.batch_size=8,0"], "trainer.batch_size=0"),
     (["optim.schedule=linear"], "optim.schedule=linear: choose one of cosine, step"),
     (["hydra.run.dir=/proc/nope/run"], "not writable"),
+    (["hydra.run.dir=/dev/null/run"], "not writable"),
 ])
 def test_bad_overrides_are_one_line(args, needle, capsys):
     assert cli.main(["train", *args]) == 2

@@ -1,0 +1,621 @@
+"""Multi-process behaviour with 2 gloo processes on CPU.
+
+Layer level (spawned workers, :mod:`dist_helpers`): SyncBN ≡ BN of the concatenated batch,
+PreciseBN over ranks ≡ one process, ShuffleBN ≡ a manual shuffle → per-group BN → un-shuffle.
+Run level (the real CLI under torchrun / ``dist.nproc``): 2 ranks × b ≡ 1 process × 2b, one run
+dir, kill + resume, a failing rank ends the run. SLURM: the environment mapping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dist_helpers import (
+    C,
+    batch,
+    bn_layer,
+    precise_data,
+    precise_worker,
+    run_jobs,
+    shuffle_worker,
+    small_net,
+    syncbn_worker,
+)
+
+from bnbench import distributed as D
+from bnbench.errors import BnbenchError
+
+TOL = {"rtol": 1e-10, "atol": 1e-10}
+CHUNKS = [[0, 2, 4], [1, 3, 5]]  # PreciseBN: each rank half of the batches, interleaved
+PRECISE = {
+    "population": {},
+    "batch_mean": {"estimator": "batch_mean"},
+    "layerwise": {"layerwise": True},
+}
+SYNC_SIZES = {"equal": [4, 4], "unequal": [3, 6], "empty": [5, 0]}
+
+#: Every layer-level job, run by one pair of workers (starting processes is the cost).
+JOBS = [
+    *[(f"syncbn-{k}", syncbn_worker, (v, 0)) for k, v in SYNC_SIZES.items() if k != "empty"],
+    ("syncbn-group1", syncbn_worker, ([4, 6], 1)),
+    *[(f"precise-{k}", precise_worker, (CHUNKS, v)) for k, v in PRECISE.items()],
+    ("shuffle-equal", shuffle_worker, ([4, 4], False)),
+    ("shuffle-unequal", shuffle_worker, ([3, 5], False)),
+    ("shuffle-ddp", shuffle_worker, ([4, 4], True)),
+    ("syncbn-empty", syncbn_worker, (SYNC_SIZES["empty"], 0)),
+]
+
+
+@pytest.fixture(scope="module")
+def layer_runs():
+    return run_jobs(JOBS)
+
+
+def results(runs: dict, name: str) -> list:
+    out = runs[name]
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+# -- SyncBN ---------------------------------------------------------------------------------
+
+
+def _reference_bn(sizes: list[int], steps: int = 2) -> dict:
+    """Plain BN over the concatenated batch of all ranks (our layer and F.batch_norm)."""
+    parts = [batch(r, sizes) for r in range(len(sizes))]
+    x = torch.cat([p[0] for p in parts])
+    w = torch.cat([p[1] for p in parts])
+    layer = bn_layer()
+    mean, var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for _ in range(steps):
+        layer.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        y = layer(xr)
+        (y * w).sum().backward()
+        F.batch_norm(x, mean, var, None, None, True, 0.1, 1e-5)  # the EMA of PyTorch's BN
+    torch.testing.assert_close(layer.running_mean, mean, **TOL)
+    torch.testing.assert_close(layer.running_var, var, **TOL)
+    return {"y": y.detach(), "dx": xr.grad, "layer": layer}
+
+
+@pytest.mark.parametrize("case", list(SYNC_SIZES))
+def test_syncbn_equals_bn_of_the_concatenated_batch(case, layer_runs):
+    outs = results(layer_runs, f"syncbn-{case}")
+    sizes = SYNC_SIZES[case]
+    ref = _reference_bn(sizes)
+    start = 0
+    for r, out in enumerate(outs):
+        n = sizes[r]
+        assert out["group_world"] == 2
+        torch.testing.assert_close(out["y"], ref["y"][start : start + n], **TOL)
+        torch.testing.assert_close(out["dx"], ref["dx"][start : start + n], **TOL)
+        # every rank: the EMA of the global batch statistics (an empty rank too)
+        torch.testing.assert_close(out["running_mean"], ref["layer"].running_mean, **TOL)
+        torch.testing.assert_close(out["running_var"], ref["layer"].running_var, **TOL)
+        assert out["tracked"] == 2
+        start += n
+    # affine gradients: per-rank contributions sum to the global gradient (DDP would average)
+    for key in ("dweight", "dbias"):
+        total = sum(out[key] for out in outs)
+        torch.testing.assert_close(total, getattr(ref["layer"], key[1:]).grad, **TOL)
+
+
+def test_syncbn_group_size_one_is_per_rank_bn(layer_runs):
+    sizes = [4, 6]
+    outs = results(layer_runs, "syncbn-group1")
+    for r, out in enumerate(outs):
+        assert out["group_world"] == 1
+        x, w = batch(r, sizes)
+        layer = bn_layer()
+        for _ in range(2):
+            layer.zero_grad()
+            xr = x.clone().requires_grad_(True)
+            y = layer(xr)
+            (y * w).sum().backward()
+        torch.testing.assert_close(out["y"], y.detach(), **TOL)
+        torch.testing.assert_close(out["dx"], xr.grad, **TOL)
+        torch.testing.assert_close(out["dweight"], layer.weight.grad, **TOL)
+        torch.testing.assert_close(out["running_var"], layer.running_var, **TOL)
+
+
+def test_sync_group_single_process_and_bad_size(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.sync_process_group(0) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(BnbenchError, match="no process group"):
+        D.sync_process_group(0)
+
+
+# -- PreciseBN ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(PRECISE))
+def test_precise_bn_over_ranks_equals_one_process(case, layer_runs):
+    from bnbench.population import update_population_stats
+
+    outs, kwargs = results(layer_runs, f"precise-{case}"), PRECISE[case]
+    model = small_net()
+    data = precise_data()
+    update_population_stats(model, lambda: iter(data), **kwargs)
+    ref = {k: v for k, v in model.state_dict().items() if "running" in k}
+    for out in outs:
+        assert out.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(out[k], ref[k], **TOL)
+
+
+# -- ShuffleBN ------------------------------------------------------------------------------
+
+
+def _reference_shuffle(sizes: list[int], perm: torch.Tensor) -> dict:
+    """Gather, permute, per-rank BN on each slice (its own module copy), un-permute."""
+    x = torch.cat([batch(r, sizes, seed=3)[0] for r in range(len(sizes))]).requires_grad_(True)
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(sum(sizes), 3, generator=gen, dtype=torch.float64)
+    nets = [small_net() for _ in sizes]
+    shuffled = x[perm]
+    outs, start = [], 0
+    for net, n in zip(nets, sizes):
+        outs.append(net(shuffled[start : start + n]))
+        start += n
+    y = torch.empty_like(torch.cat(outs))
+    y[perm] = torch.cat(outs)
+    (y * w).sum().backward()
+    return {"x": x, "y": y.detach(), "nets": nets}
+
+
+@pytest.mark.parametrize("sizes", [[4, 4], [3, 5]], ids=["equal", "unequal"])
+def test_shuffle_bn_matches_manual_reference(sizes, layer_runs):
+    outs = results(layer_runs, "shuffle-" + ("equal" if sizes[0] == sizes[1] else "unequal"))
+    perm = outs[0]["perm"]
+    assert torch.equal(outs[1]["perm"], perm)  # one permutation for all ranks
+    assert sorted(perm.tolist()) == list(range(sum(sizes)))
+    assert not torch.equal(perm, torch.arange(sum(sizes)))
+    ref = _reference_shuffle(sizes, perm)
+    start = 0
+    for r, out in enumerate(outs):
+        mine = slice(start, start + sizes[r])
+        # outputs of the rank's own samples, in their original order
+        torch.testing.assert_close(out["y"], ref["y"][mine], **TOL)
+        torch.testing.assert_close(out["dx"], ref["x"].grad[mine], **TOL)
+        net = ref["nets"][r]  # rank r normalized slice r of the shuffled batch
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(out["grads"][k], p.grad, **TOL)
+        for k, b in net.state_dict().items():
+            if "running" in k:
+                torch.testing.assert_close(out["buffers"][k], b, **TOL)
+        start += sizes[r]
+    # the statistics are those of the shuffled groups, not of each rank's own samples
+    own = small_net()
+    own(batch(0, sizes, seed=3)[0])
+    assert not torch.allclose(own[1].running_mean, outs[0]["buffers"]["1.running_mean"])
+
+
+def test_shuffle_bn_under_ddp_averages_gradients(layer_runs):
+    sizes = [4, 4]
+    outs = results(layer_runs, "shuffle-ddp")
+    perm = outs[0]["perm"]
+    ref = _reference_shuffle(sizes, perm)
+    for r, out in enumerate(outs):
+        mine = slice(4 * r, 4 * r + 4)
+        torch.testing.assert_close(out["y"], ref["y"][mine], **TOL)
+        for k, _ in ref["nets"][0].named_parameters():
+            mean = sum(dict(n.named_parameters())[k].grad for n in ref["nets"]) / len(sizes)
+            torch.testing.assert_close(out["grads"][k], mean, **TOL)
+        # eval: no shuffle, the rank's own EMA statistics
+        net = copy.deepcopy(ref["nets"][r]).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(out["eval_y"], net(batch(r, sizes, seed=3)[0]), **TOL)
+
+
+def test_shuffle_bn_single_process_is_identity():
+    from bnbench.shuffle import ShuffleBN
+
+    net = small_net()
+    x = batch(0, [6])[0]
+    torch.testing.assert_close(ShuffleBN(net)(x), small_net()(x), **TOL)
+
+
+# -- SLURM ----------------------------------------------------------------------------------
+
+
+SLURM_JOB = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_JOB_NODELIST": "gpu[007-008]",
+    "SLURM_NTASKS": "16",
+    "SLURM_TASKS_PER_NODE": "8(x2)",
+    "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7",
+}
+
+
+def test_env_from_slurm_maps_a_two_node_job():
+    env = {**SLURM_JOB, "SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NODEID": "1"}
+    assert D.env_from_slurm(env) == {
+        "RANK": "11",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "3",
+        "LOCAL_WORLD_SIZE": "8",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "gpu007",
+        "MASTER_PORT": str(15000 + 123456 % 20000),
+    }
+    # every task of the job agrees on the rendezvous
+    other = D.env_from_slurm({**SLURM_JOB, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"})
+    assert other["MASTER_ADDR"] == "gpu007" and other["MASTER_PORT"] == "18456"
+    assert other["RANK"] == "0" and other["LOCAL_RANK"] == "0" and other["GROUP_RANK"] == "0"
+
+
+def test_env_from_slurm_step_values_and_user_choices_win():
+    env = {
+        **SLURM_JOB,
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_STEP_NODELIST": "node12,node3",
+        "SLURM_STEP_TASKS_PER_NODE": "2,2",
+        "MASTER_PORT": "29999",
+    }
+    out = D.env_from_slurm(env)
+    assert out["WORLD_SIZE"] == "4" and out["MASTER_ADDR"] == "node12"
+    assert out["MASTER_PORT"] == "29999" and out["LOCAL_WORLD_SIZE"] == "2"
+    assert D.env_from_slurm({**env, "MASTER_ADDR": "head"})["MASTER_ADDR"] == "head"
+    bare = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LAUNCH_NODE_IPADDR": "10.1.2.3"}
+    assert D.env_from_slurm(bare)["MASTER_ADDR"] == "10.1.2.3"
+    with pytest.raises(BnbenchError, match="SLURM_PROCID"):
+        D.env_from_slurm({"SLURM_JOB_ID": "1"})
+
+
+@pytest.mark.parametrize(
+    "hostlist,hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[001-003,010]", ["gpu001", "gpu002", "gpu003", "gpu010"]),
+        ("a[1-2],b7,c[09-10]", ["a1", "a2", "b7", "c09", "c10"]),
+    ],
+)
+def test_expand_hostlist(hostlist, hosts):
+    assert D.expand_hostlist(hostlist) == hosts
+
+
+def test_slurm_detection_defers_to_torchrun():
+    task = {**SLURM_JOB, "SLURM_PROCID": "0"}
+    assert D.under_slurm(task)
+    assert not D.under_slurm({**task, "TORCHELASTIC_RUN_ID": "x", "RANK": "0"})
+    assert not D.under_slurm({})
+
+
+def test_should_launch_only_outside_a_group(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    assert D.should_launch(2, ["dist.nproc=2"])
+    assert not D.should_launch(1, [])
+    assert not D.should_launch(2, ["dist.nproc=2", "--cfg", "job"])
+    with pytest.raises(BnbenchError, match="tasks_per_node"):
+        D.should_launch(2, ["+cluster=slurm", "dist.nproc=2"])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert not D.should_launch(2, ["dist.nproc=2"])  # a torchrun worker: the group exists
+
+
+def test_worker_overrides_write_nothing():
+    assert "hydra.output_subdir=null" in D.worker_overrides(False)
+    sweep = [o for o in D.worker_overrides(True) if o.startswith("hydra.sweep.dir=")]
+    assert sweep and Path(sweep[0].split("=", 1)[1]).is_dir()  # a scratch dir, removed at exit
+
+
+def test_slurm_cluster_config_composes():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bnbench.config import register
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("bnbench.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["+cluster=slurm"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node  # one task per GPU
+    assert launcher.max_num_timeout > 0 and cfg.trainer.resume is True
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and "now:" not in cfg.hydra.sweep.dir
+    assert cfg.dist.nproc == 1
+
+
+# -- whole runs through the CLI -------------------------------------------------------------
+
+
+TINY = [
+    "dataset.num_train=256",
+    "dataset.num_val=64",
+    "dataset.resolution=8",
+    "model.width=0.125",
+    "trainer.threads=1",
+    "trainer.float64=true",
+    "precise.num_samples=128",
+    "precise.batch_size=16",  # = b, so PreciseBN's batches are the same in both layouts
+    "eval.batch_size=32",
+    "trainer.progress=false",
+]
+B = 16  # per-process batch of the 2-rank runs; the 1-process runs use 2B
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", D.FAIL_RANK_ENV)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def bnbench(*args: str, cwd: Path, cache: Path, torchrun: int = 0, env=None, popen=False):
+    """``python -m bnbench ...`` or ``torchrun --standalone --nproc-per-node=N -m bnbench ...``."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_"))
+    }
+    full_env = {**base, "BNBENCH_CACHE": str(cache), **(env or {})}
+    if torchrun:
+        torchrun_bin = Path(sys.executable).with_name("torchrun")
+        cmd = [str(torchrun_bin), "--standalone", f"--nproc-per-node={torchrun}", "-m", "bnbench"]
+    else:
+        cmd = [sys.executable, "-m", "bnbench"]
+    cwd.mkdir(parents=True, exist_ok=True)
+    if popen:
+        return subprocess.Popen(
+            [*cmd, *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    out = subprocess.run(
+        [*cmd, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300
+    )
+    return out
+
+
+def _ok(out) -> None:
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same trajectory (float64: to rounding), same metrics, same final weights and buffers."""
+    ea, eb = _events(a), _events(b)
+    assert [(e["epoch"], e["split"], e["stats"]) for e in ea] == [
+        (e["epoch"], e["split"], e["stats"]) for e in eb
+    ]
+    for x, y in zip(ea, eb):
+        assert x["top1"] == y["top1"], (x, y)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-9 if x["split"] == "train" else 1e-5)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-9, atol=1e-10, msg=k)
+    sa, sb = _summary(a), _summary(b)
+    assert sa["final_top1"] == sb["final_top1"] and sa["iterations"] == sb["iterations"]
+    assert sa["global_batch"] == sb["global_batch"] == 2 * B
+
+
+@pytest.fixture(scope="module")
+def bn_two_ranks(tmp_path_factory, cache) -> tuple[Path, object]:
+    """torchrun, 2 ranks × B, per-rank BN, 3 epochs (also the uninterrupted run for resume)."""
+    cwd = tmp_path_factory.mktemp("bn2")
+    out = bnbench(
+        "train",
+        *TINY,
+        f"trainer.batch_size={B}",
+        "trainer.epochs=3",
+        "hydra.run.dir=run",
+        cwd=cwd,
+        cache=cache,
+        torchrun=2,
+    )
+    _ok(out)
+    return cwd / "run", out
+
+
+@pytest.mark.slow
+def test_two_ranks_bn_equals_one_process_ghost(bn_two_ranks, tmp_path, cache):
+    run, out = bn_two_ranks
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # one run dir, nothing else
+    assert "global batch 32 (16 × 2 processes), normalization batch 16" in out.stdout
+    s = _summary(run)
+    assert (s["world_size"], s["batch_per_process"], s["normalization_batch"]) == (2, B, B)
+    ghost = bnbench(
+        "train",
+        *TINY,
+        f"trainer.batch_size={2 * B}",
+        "+norm=ghost",
+        f"norm.nbs={B}",
+        "trainer.epochs=3",
+        "hydra.run.dir=ghost",
+        cwd=tmp_path,
+        cache=cache,
+    )
+    _ok(ghost)
+    assert_same_run(run, tmp_path / "ghost")
+
+
+@pytest.mark.slow
+def test_self_launched_syncbn_equals_one_process_bn(tmp_path, cache):
+    args = ["train", *TINY, "trainer.epochs=2"]
+    sync = bnbench(
+        *args,
+        "dist.nproc=2",
+        "+norm=syncbn",
+        f"trainer.batch_size={B}",
+        cwd=tmp_path / "sync",
+        cache=cache,
+    )
+    _ok(sync)
+    # ONE run dir, the timestamped one of rank 0; no other output anywhere in the cwd
+    assert [p.name for p in (tmp_path / "sync").iterdir()] == ["outputs"]
+    runs = [p for p in (tmp_path / "sync" / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1 and (runs[0] / ".hydra").is_dir()
+    assert len(list((tmp_path / "sync").rglob("summary.json"))) == 1
+    s = _summary(runs[0])
+    assert (s["world_size"], s["batch_per_process"], s["normalization_batch"]) == (2, B, 2 * B)
+    bn = bnbench(
+        *args, f"trainer.batch_size={2 * B}", "hydra.run.dir=bn", cwd=tmp_path, cache=cache
+    )
+    _ok(bn)
+    assert_same_run(runs[0], tmp_path / "bn")
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its workers (they run in sessions of their own)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    workers = [int(c) for c in children.read_text().split()] if children.exists() else []
+    for p in [pid, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_killed_two_rank_run_resumes_exactly(bn_two_ranks, tmp_path, cache):
+    ref, _ = bn_two_ranks
+    args = ["train", *TINY, f"trainer.batch_size={B}", "trainer.epochs=3", "hydra.run.dir=run"]
+    proc = bnbench(*args, cwd=tmp_path, cache=cache, torchrun=2, popen=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    _kill_tree(proc.pid)
+    proc.wait(timeout=30)
+    assert ckpt.exists(), "no checkpoint before the kill"
+    assert torch.load(ckpt, weights_only=False)["state"]["epoch"] < 3  # killed mid-run
+    assert not (tmp_path / "run" / "summary.json").exists()
+    resumed = bnbench(*args, "trainer.resume=true", cwd=tmp_path, cache=cache, torchrun=2)
+    _ok(resumed)
+    assert "resumed from" in resumed.stdout
+    a, b = _summary(ref), _summary(tmp_path / "run")
+    assert a["final_top1"] == b["final_top1"] and a["iterations"] == b["iterations"]
+    wa, wb = _weights(ref), _weights(tmp_path / "run")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_failing_rank_ends_the_torchrun_job(tmp_path, cache):
+    start = time.time()
+    out = bnbench(
+        "train",
+        *TINY,
+        f"trainer.batch_size={B}",
+        "precise.enabled=false",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        cache=cache,
+        torchrun=2,
+        env={D.FAIL_RANK_ENV: "1"},
+    )
+    assert out.returncode != 0
+    assert time.time() - start < 120  # nothing hung
+    errors = [line for line in out.stderr.splitlines() if line.startswith("bnbench: error:")]
+    assert errors[0] == (
+        f"bnbench: error: rank 1/2: {D.FAIL_RANK_ENV}=1: injected failure at training step 3"
+    )
+    # the survivor, if it noticed before torchrun stopped it, says why in one line
+    assert all("another process failed" in line for line in errors[1:]), errors
+    assert "[rank0]: Traceback" not in out.stderr
+
+
+def test_nan_loss_in_a_self_launched_run_propagates_the_exit_status(tmp_path, cache):
+    out = bnbench(
+        "train",
+        *TINY,
+        f"trainer.batch_size={B}",
+        "dist.nproc=2",
+        "optim.lr=1e30",
+        "optim.warmup_epochs=0",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        cache=cache,
+    )
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("bnbench: error:")]
+    assert errors and all("loss became nan" in e or "another process" in e for e in errors)
+    assert "Traceback" not in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_srun_style_slurm_tasks_with_shuffle_bn(tmp_path, cache):
+    """Two SLURM-like tasks (as ``srun -n 2 bnbench train ...`` starts them), ShuffleBN on."""
+    job = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "2",
+        "SLURM_TASKS_PER_NODE": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NODEID": "0",
+        "MASTER_PORT": str(_free_port()),
+    }
+    args = ["train", *TINY, f"trainer.batch_size={B}", "dist.shuffle_bn=true", "trainer.epochs=1"]
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bnbench", *args],
+            cwd=tmp_path,
+            env={
+                **base,
+                **job,
+                "BNBENCH_CACHE": str(cache),
+                "SLURM_PROCID": str(r),
+                "SLURM_LOCALID": str(r),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "normalization batch 16 (ShuffleBN)" in outs[0][0]
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]  # rank 0's dir only
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1
+    s = _summary(runs[0])
+    assert s["world_size"] == 2 and set(s["final_top1"]) == {"ema", "precise"}
+
+
+def test_cluster_and_nproc_exclude_each_other(capsys):
+    from bnbench import cli
+
+    assert cli.main(["train", "+cluster=slurm", "dist.nproc=2"]) == 2
+    assert "tasks_per_node" in capsys.readouterr().err
+
+
+def test_slurm_cfg_job_on_the_command_line(tmp_path, cache):
+    out = bnbench("train", "+cluster=slurm", "--cfg", "job", cwd=tmp_path, cache=cache)
+    _ok(out)
+    assert "resume: true" in out.stdout and not list(tmp_path.iterdir())

@@ -70,26 +70,27 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.reshape(-1, 1, length), b.reshape(-1, length, 1)).view(a.shape[:-1])
 
 
-def _group_moments(xv: Tensor) -> tuple[Tensor, Tensor]:
+def _centered_moments(xv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-(g, c) mean and biased variance of ``xv`` ``(G, n, C, L)`` over ``(n, L)``.
 
-    One read of ``xv`` per moment: rows of ``L`` are summed in the input precision, the row sums
-    are combined in float64 so that ``E[x²] − E[x]²`` loses nothing in the final subtraction.
+    Two passes, like PyTorch's CPU kernel: the mean, then ``Σ (x − μ)²`` on the centered tensor
+    ``d = x − μ``, which is returned too (GhostBN normalizes and back-propagates from it). Row
+    sums of ``L`` are in the input precision and combined in float64. Works under autograd.
     (``torch.var_mean`` over two non-adjacent dims is ~20× slower than this on CPU.)
     """
     m = xv.shape[1] * xv.shape[3]
-    s1 = xv.sum(dim=3).sum(dim=1, dtype=torch.float64)
-    s2 = _row_dot(xv, xv).sum(dim=1, dtype=torch.float64)
-    mean = s1 / m
-    var = (s2 / m - mean * mean).clamp_min(0)
-    return mean.to(xv.dtype), var.to(xv.dtype)
+    mean = (xv.sum(dim=3).sum(dim=1, dtype=torch.float64) / m).to(xv.dtype)
+    d = xv - mean[:, None, :, None]
+    var = (_row_dot(d, d).sum(dim=1, dtype=torch.float64) / m).to(xv.dtype)
+    return mean, var, d
 
 
 def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance over ``(N, H, W)`` in fp32 at least (no autograd
     intended: EMA, PreciseBN and BRN's corrections)."""
     xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    mean, var = _group_moments(xs.reshape(1, x.shape[0], x.shape[1], math.prod(x.shape[2:])))
+    xv = xs.reshape(1, x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    mean, var, _ = _centered_moments(xv)
     return mean[0], var[0]
 
 
@@ -102,7 +103,7 @@ class _GroupedBatchNorm(torch.autograd.Function):
         ∂x = γ r (∂y − Σ∂y / M − x̂ · Σ(∂y x̂) / M)
         ∂γ = Σ_g Σ ∂y x̂,   ∂β = Σ_g Σ ∂y,
 
-    written as ``∂x = a·∂y + b·x + c`` with per-(g, c) coefficients so that it is two fused passes.
+    written as ``∂x = a·∂y + b·(x − μ) + c`` with per-(g, c) coefficients (two fused passes).
     Returns ``y`` and the biased group statistics ``(mean, var)`` of shape ``(G, C)`` (no gradient).
     """
 
@@ -111,13 +112,14 @@ class _GroupedBatchNorm(torch.autograd.Function):
         ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
     ):
         n, c = x.shape[0], x.shape[1]
-        xv = x.reshape(groups, n // groups, c, -1)
-        mean, var = _group_moments(xv)
+        mean, var, d = _centered_moments(x.reshape(groups, n // groups, c, -1))
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
-        y = torch.addcmul(shift[:, None, :, None], xv, scale[:, None, :, None])
-        ctx.save_for_backward(xv, weight, mean, invstd)
+        if bias is None:
+            y = d * scale[:, None, :, None]
+        else:
+            y = torch.addcmul(bias[None, None, :, None], d, scale[:, None, :, None])
+        ctx.save_for_backward(d, weight, invstd)
         ctx.mark_non_differentiable(mean, var)
         ctx.x_shape = x.shape
         # y in the (G, n, C, L) layout: a view made in here could not be modified in place
@@ -126,20 +128,19 @@ class _GroupedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _gm: Tensor, _gv: Tensor):
-        xv, weight, mean, invstd = ctx.saved_tensors
-        g = grad_y.reshape(xv.shape)
-        m = xv.shape[1] * xv.shape[3]
+        d, weight, invstd = ctx.saved_tensors
+        g = grad_y.reshape(d.shape)
+        m = d.shape[1] * d.shape[3]
         sum_g = g.sum(dim=3).sum(dim=1)
-        sum_gxmu = _row_dot(g, xv).sum(dim=1) - mean * sum_g
+        sum_gd = _row_dot(g, d).sum(dim=1)
         a = invstd if weight is None else invstd * weight
-        b = -a * invstd * invstd * sum_gxmu / m
-        c = -a * sum_g / m - b * mean
+        b = -a * invstd * invstd * sum_gd / m
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(c[:, None, :, None], xv, b[:, None, :, None])
+            grad_x = torch.addcmul((-a * sum_g / m)[:, None, :, None], d, b[:, None, :, None])
             grad_x.addcmul_(g, a[:, None, :, None])
             grad_x = grad_x.view(ctx.x_shape)
-        grad_w = (invstd * sum_gxmu).sum(0) if ctx.needs_input_grad[1] else None
+        grad_w = (invstd * sum_gd).sum(0) if ctx.needs_input_grad[1] else None
         grad_b = sum_g.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
 
@@ -172,21 +173,24 @@ def grouped_batch_norm(
 def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, int]:
     """Mean and biased variance over the batches of all processes in ``group`` (SyncBN).
 
-    Each process contributes ``Σx``, ``Σx²`` and its element count (row sums in the input
-    precision, combined in float64 as in :func:`_group_moments`); one differentiable all-reduce
-    sums them, so gradients reach every process's input (as in ``torch.nn.SyncBatchNorm``) and
-    unequal or empty per-process batches are weighted by count.
+    Each process contributes its count-weighted sums ``n_r μ_r`` and ``n_r (σ²_r + μ_r²)`` (from
+    its centered moments, so nothing cancels in low precision) and its count ``n_r``, in
+    float64; one differentiable all-reduce sums them, so gradients reach every process's input
+    (as in ``torch.nn.SyncBatchNorm``) and unequal or empty batches are weighted by count.
     """
     from torch.distributed.nn.functional import all_reduce
 
     n, c = x.shape[0], x.shape[1]
     length = math.prod(x.shape[2:])  # not -1: an empty batch (n = 0) must reshape too
     xv = (x if x.dtype in (torch.float32, torch.float64) else x.float()).reshape(1, n, c, length)
-    count = torch.full((1,), float(xv.shape[1] * xv.shape[3]), dtype=torch.float64,
-                       device=x.device)
-    s1 = xv.sum(dim=3).sum(dim=(0, 1), dtype=torch.float64)
-    s2 = _row_dot(xv, xv).sum(dim=(0, 1), dtype=torch.float64)
-    packed = all_reduce(torch.cat([s1, s2, count]), group=group)
+    count = float(n * length)
+    if count > 0:
+        mean_r, var_r, _ = _centered_moments(xv)
+        s1 = count * mean_r[0].double()
+        s2 = count * (var_r[0].double() + mean_r[0].double() ** 2)
+    else:  # an empty rank still joins the all-reduce (and keeps the graph connected)
+        s1 = s2 = xv.sum(dim=(0, 1, 3), dtype=torch.float64)
+    packed = all_reduce(torch.cat([s1, s2, s1.new_full((1,), count)]), group=group)
     total = int(packed[-1].item())
     if total == 0:
         raise BnbenchError("syncbn: every process in the group has an empty batch")

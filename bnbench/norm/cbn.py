@@ -12,7 +12,8 @@ with ``μ = E[x]`` and ``ν = E[x²]`` of the layer input over the ``M = N·H·W
 The expansion is truncated to the weights ``W`` (and bias ``b``) of the conv directly before the
 layer (paper §3: the gradients through earlier layers are small), so every CBN layer is paired with
 its conv (:func:`pair_convs`, :meth:`CrossIterationBatchNorm2d.pair`). Only the current ``μ_t, ν_t``
-carry gradient; the compensated earlier terms, the stored Jacobians and weights are constants.
+carry gradient; the compensated earlier terms and the stored statistics and Jacobians are
+constants (the conv weight enters the compensation detached).
 ``ρ = 0`` is naive CBN (the paper's ablation, §4); ``window = 1`` is BN; for the first ``burnin``
 iterations the layer is plain BN and keeps no history; right after burn-in, fewer than ``k``
 iterations exist and the average is over those that do. ε is added to the variance (standard BN).
@@ -31,9 +32,11 @@ Implementation (our choices, exact in exact arithmetic):
       Δμ = ρ (⟨∂μ/∂W, W_t⟩ + b_t − μ_{t−τ}),   Δν = ρ (⟨∂ν/∂W, W_t⟩ + 2 μ_{t−τ} b_t − 2 ν_{t−τ})
 
   — equal to ``ρ ⟨J, (W_t, b_t) − (W_{t−τ}, b_{t−τ})⟩`` and one batched matrix product over the
-  window (saves ``k−1`` copies of every conv weight and a pass over them per step).
-* Statistics are kept as ``(μ, σ² = ν − μ²)`` and combined in the equivalent, cancellation-free
-  form ``σ̄² = mean_τ σ²_τ(θ_t)⁺ + mean_τ (μ_τ(θ_t) − μ̄)²``, where
+  window (saves ``k−1`` copies of every conv weight and a pass over them per step). In fp32 the
+  subtraction costs a few ulps of ``ν``: ~1e-5 relative on σ² when ``μ²/σ² ≈ 8``, far below the
+  change of the statistics over an iteration.
+* Statistics are kept as ``(μ, σ² = ν − μ²)`` and averaged in the equivalent form
+  ``σ̄² = mean_τ σ²_τ(θ_t)⁺ + mean_τ (μ_τ(θ_t) − μ̄)²`` (no ``ν̄ − μ̄²`` cancellation), where
   ``σ²(θ_t) = σ² + Δν − Δμ (2μ + Δμ)``; ``max(ν, μ²)`` is ``σ²(θ_t)⁺ = max(σ²(θ_t), 0)``.
 * ``neg_var="drop"`` (the official code) leaves out the earlier ``(iteration, channel)`` entries
   whose compensated ``ν − μ²`` is negative and divides by the count kept. The current iteration's
@@ -59,7 +62,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d, _group_moments, _row_dot, check_positive
+from bnbench.norm.base import BatchNorm2d, check_positive
 
 CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "window", "burnin", "rho",
                          "neg_var"})
@@ -96,70 +99,56 @@ def _no_autocast(device: torch.device):
 class _WindowBatchNorm(torch.autograd.Function):
     """BN with statistics pooled over the current batch and constant earlier entries.
 
-    ``x`` ``(N, C, H, W)``; ``past_mean``, ``past_var`` (≥ 0), ``past_keep`` (0/1) ``(L, C)`` in the
-    compute dtype. With ``n = 1 + Σ keep`` per channel, the window statistics are
+    ``x`` ``(N, C, H, W)``; ``past_mean``, ``past_var`` (≥ 0), ``past_keep`` (0/1) ``(L, C)``
+    (constants). With ``n = 1 + Σ keep`` per channel, the window statistics are
 
         μ̄ = (μ_t + Σ keep·μ_τ) / n,   σ̄² = (σ²_t + (μ_t − μ̄)² + Σ keep·(σ²_τ + (μ_τ − μ̄)²)) / n
 
     so ``∂μ̄/∂x_i = 1/(nM)``, ``∂σ̄²/∂x_i = 2(x_i − μ̄)/(nM)`` and the backward is BN's with ``M``
-    replaced by ``nM`` and ``x̂ = (x − μ̄)/sqrt(σ̄² + ε)``:
+    replaced by ``nM`` and ``x̂ = (x − μ̄) r``, ``r = 1/sqrt(σ̄² + ε)``:
 
-        ∂x = γ r (∂y − Σ∂y / (nM) − x̂ · Σ(∂y x̂) / (nM)),   ∂γ = Σ ∂y x̂,   ∂β = Σ ∂y.
+        ∂x = γ r (∂y − Σ∂y / (nM) − x̂ · Σ(∂y x̂) / (nM)),   ∂γ = Σ ∂y x̂,   ∂β = Σ ∂y,
 
+    i.e. ``(1/n)·`` BN's training backward at ``(μ̄, r)`` (weight ``γ/n``) ``+ (1 − 1/n) γ r ∂y``.
+    Native kernels do the passes over ``x``: ``batch_norm_update_stats`` (current statistics, and
+    the EMA update of ``running_mean``/``running_var`` exactly as BN's: unbiased variance), BN
+    inference at ``(μ̄, σ̄²)`` and BN's training backward. Statistics are fp32 for half inputs.
     Returns ``y`` and the current batch's biased ``(mean, var)`` (``(C,)``, no gradient).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, past_mean: Tensor,
-                past_var: Tensor, past_keep: Tensor, eps: float):
-        with _no_autocast(x.device):
-            n, c = x.shape[0], x.shape[1]
-            cd = past_mean.dtype
-            xv = x.reshape(1, n, c, -1)
-            mean, var = _group_moments(xv if xv.dtype == cd else xv.to(cd))
-            mean, var = mean[0], var[0]
-            count = 1 + past_keep.sum(0)
-            wmean = (mean + (past_keep * past_mean).sum(0)) / count
-            spread = past_var + (past_mean - wmean).square()
-            wvar = (var + (mean - wmean).square() + (past_keep * spread).sum(0)) / count
-            invstd = torch.rsqrt(wvar + eps)
-            scale = invstd if weight is None else invstd * weight.to(cd)
-            shift = -wmean * scale if bias is None else bias.to(cd) - wmean * scale
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            # computed in x's shape: an output that is a view would forbid in-place ReLU after it
-            y = torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
-        ctx.save_for_backward(x, weight, wmean, invstd, count)
+                past_var: Tensor, past_keep: Tensor, eps: float, running_mean: Tensor,
+                running_var: Tensor, momentum: float):
+        mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
+        cd = mean.dtype
+        past_mean, past_var, past_keep = past_mean.to(cd), past_var.to(cd), past_keep.to(cd)
+        count = 1 + past_keep.sum(0)
+        wmean = (mean + (past_keep * past_mean).sum(0)) / count
+        spread = past_var + (past_mean - wmean).square()
+        wvar = (var + (mean - wmean).square() + (past_keep * spread).sum(0)) / count
+        y = torch.batch_norm(x, weight, bias, wmean, wvar, False, 0.0, eps,
+                             torch.backends.cudnn.enabled)
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, wmean, torch.rsqrt(wvar + eps), count)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _gm: Tensor, _gv: Tensor):
         x, weight, wmean, invstd, count = ctx.saved_tensors
-        cd = wmean.dtype
-        with _no_autocast(x.device):
-            n, c = x.shape[0], x.shape[1]
-            xv = x.reshape(1, n, c, -1)
-            g = grad_y.reshape(xv.shape)
-            if xv.dtype != cd:
-                xv, g = xv.to(cd), g.to(cd)
-            nm = count * (n * xv.shape[3])
-            sum_g = g.sum(dim=3).sum(dim=1, dtype=torch.float64)[0]
-            sum_gx = _row_dot(g, xv).sum(dim=1, dtype=torch.float64)[0]
-            sum_gxmu = (sum_gx - wmean.double() * sum_g).to(cd)
-            sum_g = sum_g.to(cd)
-            a = invstd if weight is None else invstd * weight.to(cd)
-            b = -a * invstd * invstd * sum_gxmu / nm
-            cc = -a * sum_g / nm - b * wmean
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                shape = (1, c) + (1,) * (x.dim() - 2)
-                grad_x = torch.addcmul(cc.view(shape), xv.view(x.shape), b.view(shape))
-                grad_x.addcmul_(g.view(x.shape), a.view(shape))
-                grad_x = grad_x.to(grad_y.dtype)
-            grad_w = (invstd * sum_gxmu).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            grad_b = sum_g.to(weight.dtype if weight is not None else cd) \
-                if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+        gamma = weight.to(wmean.dtype) if weight is not None else torch.ones_like(wmean)
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                weight is not None and ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, gamma / count, None, None, wmean, invstd, True, ctx.eps, mask)
+        if grad_x is not None:
+            coef = (gamma * invstd * (1 - 1 / count)).to(grad_x.dtype)
+            grad_x = grad_x.addcmul_(grad_y, coef.view((1, -1) + (1,) * (x.dim() - 2)))
+        if weight is not None:
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+            grad_b = grad_b.to(weight.dtype) if grad_b is not None else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class CrossIterationBatchNorm2d(BatchNorm2d):
@@ -193,10 +182,11 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         if isinstance(window, bool):
             raise BnbenchError(f"cbn.window={window}: must be a positive integer")
         self.window = check_positive("cbn.window", window, allow_none=False)
-        if isinstance(burnin, bool) or int(burnin) != burnin or int(burnin) < 0:
+        if (isinstance(burnin, bool) or not isinstance(burnin, (int, float))
+                or int(burnin) != burnin or burnin < 0):
             raise BnbenchError(f"cbn.burnin={burnin}: must be a non-negative integer (iterations)")
         self.burnin = int(burnin)
-        if not math.isfinite(float(rho)):
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho):
             raise BnbenchError(f"cbn.rho={rho}: must be a finite number")
         self.rho = float(rho)
         if neg_var not in NEG_VAR:
@@ -338,12 +328,12 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             with torch.no_grad():
                 past_mean, past_var, past_keep = self._compensated(length, cd)
             weight, bias = self._affine()
-            y, mean, var = _WindowBatchNorm.apply(x.contiguous(), weight, bias, past_mean,
-                                                  past_var, past_keep, self.eps)
+            running_mean, running_var = self._population()
+            y, mean, var = _WindowBatchNorm.apply(x, weight, bias, past_mean, past_var, past_keep,
+                                                  self.eps, running_mean, running_var,
+                                                  self.momentum)
             with torch.no_grad():
-                count = x.numel() // x.shape[1]
-                self._update_population(mean[None], var[None],
-                                        torch.full((1,), count, device=x.device))
+                self.num_batches_tracked.add_(1)
                 self._push(pos, length, mean, var, conv_input, x, cd)
         return y
 
@@ -367,7 +357,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             dsq = dsq - 2 * (var + mean * mean)
             if b is not None:
                 dmean = dmean + b
-                pass
+                dsq = dsq + 2 * mean * b
             dmean, dsq = self.rho * dmean, self.rho * dsq
             var = var + dsq - dmean * (2 * mean + dmean)
             mean = mean + dmean
@@ -420,13 +410,15 @@ def _group_dot(w: Tensor, patch: Tensor, groups: int) -> Tensor:
 def _weight_grad(x: Tensor, y: Tensor, conv: nn.Conv2d, padding: Any) -> Tensor:
     """``Σ_p y_j(p)·patch(p)`` ``(C, C_in/G·kh·kw)``: the conv's weight gradient for ``∂y = y``.
 
-    On CPU, oneDNN's weight-gradient kernel is several times slower than one GEMM over the
-    unfolded input when the output is spatially small (``H_o·W_o ≤ 16``, ResNet's last stages);
-    the unfolded input is then small too (``N·C_in·kh·kw·H_o·W_o``), so use the GEMM there.
+    On CPU, oneDNN's weight-gradient kernel is up to 2× slower than one GEMM over the unfolded
+    input when the reduction over positions is short and the filters are long (``N·H_o·W_o ≤
+    128``, ``C_in·kh·kw ≥ 2048``: ResNet-18's last stage at 64 px, batch 16; measured); the
+    unfolded input ``N·C_in·kh·kw·H_o·W_o`` is then small too, so use the GEMM there.
     """
     n, c = y.shape[0], y.shape[1]
     spatial = y.shape[2] * y.shape[3]
-    if x.device.type == "cpu" and conv.groups == 1 and spatial <= 16:
+    if (x.device.type == "cpu" and conv.groups == 1 and n * spatial <= 128
+            and conv.weight[0].numel() >= 2048):
         cols = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)  # (N, P, L)
         cols = cols.permute(1, 0, 2).reshape(cols.shape[1], n * spatial)
         return y.transpose(0, 1).reshape(c, n * spatial) @ cols.t()

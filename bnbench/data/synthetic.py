@@ -1,0 +1,486 @@
+"""The embedded default dataset: procedurally rendered "shapes in clutter".
+
+What it is
+    Small RGB images (default 16x16), each showing one foreground shape from a fixed set of
+    kinds (disc, ring, square, frame, triangle, plus, horizontal stripes, vertical stripes,
+    checker, bowtie, star, ellipse, crescent, bullseye, tee, and a few spare kinds); the
+    label is the kind. Every image draws its own pose (position, scale, rotation, mild
+    anisotropic stretch), foreground and background colours, a linear lighting gradient,
+    a few small distractor blobs behind the shape, and per-pixel Gaussian noise.
+
+Why it is built this way
+    The project must run its experiments without a download and on CPUs, so the default data
+    has to be generated, deterministic from a seed, and fast to make. The task has to be hard
+    enough that a short run of a small ResNet does not saturate (so that normalization
+    choices - e.g. BatchNorm with tiny normalization batches - show up in validation
+    accuracy) yet easy enough to learn in a few epochs. Random colours and lighting make the
+    per-channel statistics vary a lot from image to image, which is exactly what makes
+    BatchNorm's batch statistics noisy for small batches. All classes are mapped onto
+    themselves by a horizontal flip, so flip augmentation is label-preserving; the two
+    stripe classes keep their orientation (only a small rotation jitter) to stay distinct.
+
+How it is rendered
+    Each kind is a signed distance function (SDF) in the shape's local frame. Pixel centres
+    are mapped into every image's local frame with batched tensor maths, the SDF is evaluated
+    for all images of one kind at once, and a clamped linear ramp of the distance (about one
+    pixel wide) gives an anti-aliased coverage mask. The only Python loops run over kinds and
+    fixed-size chunks of images, never over single images.
+
+``generate`` renders from scratch; ``load_synthetic`` adds an on-disk cache in
+``$BNBENCH_CACHE`` (or ``~/.cache/bnbench``) keyed by every parameter and ``GENERATOR_VERSION``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bnbench.errors import BnbenchError
+
+# Bump whenever rendering changes, so that stale caches are never reused.
+GENERATOR_VERSION = "shapes-v1"
+
+DEFAULT_NUM_TRAIN = 10000
+DEFAULT_NUM_VAL = 2000
+DEFAULT_RESOLUTION = 16
+DEFAULT_NUM_CLASSES = 15
+
+# Images rendered per chunk; each chunk has its own generator, so results do not depend on
+# anything but the parameters and the seed.
+_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """Rendered images (uint8 [N,3,R,R]) and labels (int64 [N]) for both splits."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    val_images: Tensor
+    val_labels: Tensor
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """Difficulty knobs, tuned so a short small-ResNet run lands well below 100% accuracy."""
+
+    scale: tuple[float, float] = (0.6, 0.85)  # shape radius, fraction of the half-image
+    stretch: float = 0.12  # max anisotropic stretch (+/-)
+    shift: float = 0.32  # max centre offset, fraction of the half-image
+    stripe_jitter: float = 0.35  # rotation jitter (rad) of the orientation-bound kinds
+    min_contrast: float = 0.45  # min RGB distance between foreground and background
+    gradient: float = 0.3  # max lighting-gradient amplitude
+    noise: tuple[float, float] = (0.02, 0.06)  # per-image Gaussian noise std range
+    clutter: int = 3  # max distractor blobs per image
+    clutter_radius: tuple[float, float] = (0.08, 0.2)
+
+
+_RECIPE = _Recipe()
+
+SdfFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --- signed distance functions, local frame, shape radius ~1 -----------------------------
+
+
+def _length(x: Tensor, y: Tensor) -> Tensor:
+    return torch.sqrt(x * x + y * y)
+
+
+def _box(u: Tensor, v: Tensor, bu: float, bv: float) -> Tensor:
+    """Exact SDF of an axis-aligned box with half-sizes (bu, bv)."""
+    qu, qv = u.abs() - bu, v.abs() - bv
+    outside = _length(qu.clamp(min=0), qv.clamp(min=0))
+    return outside + torch.maximum(qu, qv).clamp(max=0)
+
+
+def _tri_wave(t: Tensor) -> Tensor:
+    """Period-1 wave in [-0.25, 0.25], negative on half of each period."""
+    return (torch.remainder(t, 1.0) - 0.5).abs() - 0.25
+
+
+def _disc(u: Tensor, v: Tensor) -> Tensor:
+    return _length(u, v) - 0.85
+
+
+def _ring(u: Tensor, v: Tensor) -> Tensor:
+    return (_length(u, v) - 0.72).abs() - 0.24
+
+
+def _square(u: Tensor, v: Tensor) -> Tensor:
+    return _box(u, v, 0.8, 0.8)
+
+
+def _frame(u: Tensor, v: Tensor) -> Tensor:
+    return _box(u, v, 0.78, 0.78).abs() - 0.2
+
+
+def _triangle(u: Tensor, v: Tensor) -> Tensor:
+    """Equilateral triangle (circumradius ~1), after Inigo Quilez's exact SDF."""
+    r, k = 0.85, math.sqrt(3.0)
+    x, y = u.abs() - r, v + r / k
+    fold = x + k * y > 0
+    x, y = torch.where(fold, (x - k * y) / 2, x), torch.where(fold, (-k * x - y) / 2, y)
+    x = x - x.clamp(-2 * r, 0)
+    return -_length(x, y) * torch.sign(y)
+
+
+def _plus(u: Tensor, v: Tensor) -> Tensor:
+    return torch.minimum(_box(u, v, 0.95, 0.28), _box(u, v, 0.28, 0.95))
+
+
+def _hstripes(u: Tensor, v: Tensor) -> Tensor:
+    period = 0.75
+    return torch.maximum(_box(u, v, 0.95, 0.95), _tri_wave(v / period) * period)
+
+
+def _vstripes(u: Tensor, v: Tensor) -> Tensor:
+    return _hstripes(v, u)
+
+
+def _checker(u: Tensor, v: Tensor) -> Tensor:
+    period = 0.95
+    a, b = _tri_wave(u / period), _tri_wave(v / period)
+    pattern = torch.sign(a * b) * torch.minimum(a.abs(), b.abs()) * period
+    return torch.maximum(_box(u, v, 0.95, 0.95), pattern)
+
+
+def _bowtie(u: Tensor, v: Tensor) -> Tensor:
+    """Two triangles meeting tip to tip (an approximate distance, exact on the slanted sides)."""
+    slope = 0.85
+    wedge = (v.abs() - slope * u.abs()) / math.sqrt(1 + slope * slope)
+    return torch.maximum(wedge, u.abs() - 0.95)
+
+
+def _star(u: Tensor, v: Tensor) -> Tensor:
+    """Five-lobed star; the radial offset is scaled down to stay roughly a distance."""
+    r, phi = _length(u, v), torch.atan2(v, u)
+    return (r - (0.62 + 0.36 * torch.cos(5 * phi))) * 0.6
+
+
+def _ellipse(u: Tensor, v: Tensor) -> Tensor:
+    a, b = 1.0, 0.36
+    return (_length(u / a, v / b) - 1.0) * b
+
+
+def _crescent(u: Tensor, v: Tensor) -> Tensor:
+    return torch.maximum(_length(u, v) - 0.92, -(_length(u - 0.5, v) - 0.72))
+
+
+def _bullseye(u: Tensor, v: Tensor) -> Tensor:
+    r = _length(u, v)
+    return torch.minimum(r - 0.28, (r - 0.78).abs() - 0.16)
+
+
+def _tee(u: Tensor, v: Tensor) -> Tensor:
+    return torch.minimum(_box(u, v - 0.62, 0.95, 0.26), _box(u, v + 0.2, 0.26, 0.75))
+
+
+def _hexagon(u: Tensor, v: Tensor) -> Tensor:
+    """Regular hexagon, after Inigo Quilez's exact SDF."""
+    r, kx, ky, kz = 0.8, -0.866025404, 0.5, 0.577350269
+    x, y = u.abs(), v.abs()
+    d = 2 * torch.clamp(kx * x + ky * y, max=0)
+    x, y = x - d * kx, y - d * ky
+    x = x - x.clamp(-kz * r, kz * r)
+    return _length(x, y - r) * torch.sign(y - r)
+
+
+def _corner(u: Tensor, v: Tensor) -> Tensor:
+    return torch.minimum(_box(u + 0.35, v, 0.26, 0.9), _box(u, v + 0.64, 0.9, 0.26))
+
+
+def _dots(u: Tensor, v: Tensor) -> Tensor:
+    """Four dots on a 2x2 grid."""
+    return _length(u.abs() - 0.5, v.abs() - 0.5) - 0.3
+
+
+# (name, sdf, free rotation). Order fixes the labels; the first 15 are the default classes.
+_KINDS: tuple[tuple[str, SdfFn, bool], ...] = (
+    ("disc", _disc, True),
+    ("ring", _ring, True),
+    ("square", _square, True),
+    ("frame", _frame, True),
+    ("triangle", _triangle, True),
+    ("plus", _plus, True),
+    ("hstripes", _hstripes, False),
+    ("vstripes", _vstripes, False),
+    ("checker", _checker, True),
+    ("bowtie", _bowtie, True),
+    ("star", _star, True),
+    ("ellipse", _ellipse, True),
+    ("crescent", _crescent, True),
+    ("bullseye", _bullseye, True),
+    ("tee", _tee, True),
+    ("hexagon", _hexagon, True),
+    ("corner", _corner, True),
+    ("dots", _dots, True),
+)
+
+SHAPE_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _KINDS)
+MAX_CLASSES = len(_KINDS)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _uniform(gen: torch.Generator, shape: tuple[int, ...], lo: float, hi: float) -> Tensor:
+    return torch.rand(shape, generator=gen) * (hi - lo) + lo
+
+
+def _coverage(sdf: Tensor, radius: Tensor, resolution: int) -> Tensor:
+    """Anti-aliased coverage from a local-frame SDF: a one-pixel linear ramp at the edge."""
+    pixels = sdf * radius.view(-1, 1, 1) * (resolution / 2)
+    return (0.5 - pixels).clamp(0.0, 1.0)
+
+
+def _pixel_grid(resolution: int) -> tuple[Tensor, Tensor]:
+    """Pixel-centre coordinates in [-1, 1] (x to the right, y up), each [R, R]."""
+    t = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 - 1
+    y, x = torch.meshgrid(-t, t, indexing="ij")
+    return x, y
+
+
+def _local_frame(
+    x: Tensor, y: Tensor, cx: Tensor, cy: Tensor, angle: Tensor, radius: Tensor, stretch: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Map the pixel grid into each image's shape frame: translate, rotate, scale. [N, R, R]."""
+    dx, dy = x - cx.view(-1, 1, 1), y - cy.view(-1, 1, 1)
+    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    u = (cos * dx + sin * dy) / (radius * stretch).view(-1, 1, 1)
+    v = (-sin * dx + cos * dy) / (radius / stretch).view(-1, 1, 1)
+    return u, v
+
+
+def _contrasting_colours(gen: torch.Generator, n: int, min_dist: float) -> tuple[Tensor, Tensor]:
+    """Background and foreground RGB in [0,1], at least ``min_dist`` apart (rejection)."""
+    bg, fg = torch.rand(n, 3, generator=gen), torch.rand(n, 3, generator=gen)
+    for _ in range(16):  # a vectorised redraw of the too-similar pairs; converges fast
+        bad = (fg - bg).norm(dim=1) < min_dist
+        fg = torch.where(bad[:, None], torch.rand(n, 3, generator=gen), fg)
+    bad = (fg - bg).norm(dim=1) < min_dist
+    return bg, torch.where(bad[:, None], 1.0 - bg, fg)
+
+
+def _shape_mask(gen: torch.Generator, labels: Tensor, resolution: int, recipe: _Recipe) -> Tensor:
+    """Coverage [N, R, R] of each image's labelled shape under a random pose."""
+    n = labels.numel()
+    x, y = _pixel_grid(resolution)
+    cx = _uniform(gen, (n,), -recipe.shift, recipe.shift)
+    cy = _uniform(gen, (n,), -recipe.shift, recipe.shift)
+    radius = _uniform(gen, (n,), *recipe.scale)
+    stretch = torch.exp(_uniform(gen, (n,), -recipe.stretch, recipe.stretch))
+    free = torch.tensor([rot for _, _, rot in _KINDS])[labels]
+    jitter = _uniform(gen, (n,), -recipe.stripe_jitter, recipe.stripe_jitter)
+    flip = torch.randint(0, 2, (n,), generator=gen) * math.pi  # bound kinds: 0 or 180 deg
+    angle = torch.where(free, _uniform(gen, (n,), 0.0, 2 * math.pi), jitter + flip)
+    u, v = _local_frame(x, y, cx, cy, angle, radius, stretch)
+    sdf = torch.empty(n, resolution, resolution)
+    for kind, (_, fn, _) in enumerate(_KINDS):
+        idx = (labels == kind).nonzero().squeeze(1)
+        if idx.numel():
+            sdf[idx] = fn(u[idx], v[idx])
+    return _coverage(sdf, radius, resolution)
+
+
+def _clutter(gen: torch.Generator, n: int, resolution: int, recipe: _Recipe) -> Tensor:
+    """Coverage [N, K, R, R] of up to K small distractor discs per image (each present 50%)."""
+    k = recipe.clutter
+    x, y = _pixel_grid(resolution)
+    cx, cy = _uniform(gen, (n * k,), -0.9, 0.9), _uniform(gen, (n * k,), -0.9, 0.9)
+    radius = _uniform(gen, (n * k,), *recipe.clutter_radius)
+    present = torch.rand(n * k, generator=gen) < 0.5
+    dist = _length(x - cx.view(-1, 1, 1), y - cy.view(-1, 1, 1)) / radius.view(-1, 1, 1) - 1.0
+    alpha = _coverage(dist, radius, resolution) * present.view(-1, 1, 1)
+    return alpha.view(n, k, resolution, resolution)
+
+
+def _render_chunk(gen: torch.Generator, labels: Tensor, resolution: int, recipe: _Recipe) -> Tensor:
+    """Render one chunk of labelled images as uint8 [N, 3, R, R]."""
+    n = labels.numel()
+    bg, fg = _contrasting_colours(gen, n, recipe.min_contrast)
+    img = bg.view(n, 3, 1, 1).expand(n, 3, resolution, resolution).clone()
+    blobs = _clutter(gen, n, resolution, recipe)
+    blob_rgb = torch.rand(n, recipe.clutter, 3, generator=gen)
+    for j in range(recipe.clutter):  # behind the shape
+        a = blobs[:, j : j + 1]
+        img = img * (1 - a) + blob_rgb[:, j].view(n, 3, 1, 1) * a
+    alpha = _shape_mask(gen, labels, resolution, recipe).unsqueeze(1)
+    img = img * (1 - alpha) + fg.view(n, 3, 1, 1) * alpha
+    x, y = _pixel_grid(resolution)
+    theta = _uniform(gen, (n, 1, 1), 0.0, 2 * math.pi)
+    amp = _uniform(gen, (n, 1, 1), 0.0, recipe.gradient)
+    light = 1.0 + amp * (torch.cos(theta) * x + torch.sin(theta) * y)
+    img = img * light.unsqueeze(1)
+    sigma = _uniform(gen, (n, 1, 1, 1), *recipe.noise)
+    img = img + sigma * torch.randn(img.shape, generator=gen)
+    return (img.clamp(0.0, 1.0) * 255).round().to(torch.uint8)
+
+
+def _split_seed(seed: int, split: str, chunk: int) -> int:
+    """A 63-bit generator seed for one chunk of one split, stable across Python runs."""
+    digest = hashlib.sha256(f"{GENERATOR_VERSION}/{seed}/{split}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _balanced_labels(n: int, num_classes: int, seed: int, split: str) -> Tensor:
+    """Labels with every class appearing n // C or n // C + 1 times, in a seeded order."""
+    gen = torch.Generator().manual_seed(_split_seed(seed, split, -1))
+    return (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
+
+
+def _render_split(
+    n: int, resolution: int, num_classes: int, seed: int, split: str
+) -> tuple[Tensor, Tensor]:
+    labels = _balanced_labels(n, num_classes, seed, split)
+    chunks = []
+    for c, start in enumerate(range(0, n, _CHUNK)):
+        gen = torch.Generator().manual_seed(_split_seed(seed, split, c))
+        chunks.append(_render_chunk(gen, labels[start : start + _CHUNK], resolution, _RECIPE))
+    return torch.cat(chunks), labels
+
+
+def _check_params(num_train: int, num_val: int, resolution: int, num_classes: int) -> None:
+    if num_train <= 0:
+        raise BnbenchError(f"dataset.num_train={num_train}: must be positive")
+    if num_val <= 0:
+        raise BnbenchError(f"dataset.num_val={num_val}: must be positive")
+    if resolution < 8:
+        raise BnbenchError(f"dataset.resolution={resolution}: must be at least 8 pixels")
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise BnbenchError(
+            f"dataset.num_classes={num_classes}: the synthetic dataset has {MAX_CLASSES} shape "
+            f"kinds, so it must be between 2 and {MAX_CLASSES}"
+        )
+
+
+def generate(
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    resolution: int = DEFAULT_RESOLUTION,
+    num_classes: int = DEFAULT_NUM_CLASSES,
+    seed: int = 0,
+) -> SyntheticData:
+    """Render the dataset; the same arguments always give the same bytes.
+
+    Train and val come from the same distribution with independent random streams, so the
+    validation set does not change when ``num_train`` does.
+    """
+    _check_params(num_train, num_val, resolution, num_classes)
+    train_images, train_labels = _render_split(num_train, resolution, num_classes, seed, "train")
+    val_images, val_labels = _render_split(num_val, resolution, num_classes, seed, "val")
+    return SyntheticData(
+        train_images, train_labels, val_images, val_labels, SHAPE_NAMES[:num_classes]
+    )
+
+
+# --- cache ----------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where generated data is cached: ``$BNBENCH_CACHE`` or ``~/.cache/bnbench``."""
+    env = os.environ.get("BNBENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "bnbench"
+
+
+def _recipe_digest() -> str:
+    """Short digest of the difficulty knobs and kinds, so retuning them never reuses a cache."""
+    text = repr(_RECIPE) + ",".join(SHAPE_NAMES)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def cache_path(num_train: int, num_val: int, resolution: int, num_classes: int, seed: int) -> Path:
+    """The cache file for one parameter set; the name carries every parameter and the recipe."""
+    name = (
+        f"synthetic-{GENERATOR_VERSION}-{_recipe_digest()}-train{num_train}-val{num_val}"
+        f"-res{resolution}-cls{num_classes}-seed{seed}.pt"
+    )
+    return cache_dir() / name
+
+
+def _read_cache(path: Path, num_classes: int) -> SyntheticData | None:
+    """The cached data, or None when the file is missing, unreadable or inconsistent."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        data = SyntheticData(
+            blob["train_images"],
+            blob["train_labels"],
+            blob["val_images"],
+            blob["val_labels"],
+            SHAPE_NAMES[:num_classes],
+        )
+    except Exception:  # noqa: BLE001 - any failure to read means "regenerate"
+        return None
+    if blob.get("version") != GENERATOR_VERSION:
+        return None
+    return data
+
+
+def _write_cache(path: Path, data: SyntheticData) -> None:
+    """Write atomically: a temp file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "version": GENERATOR_VERSION,
+        "train_images": data.train_images,
+        "train_labels": data.train_labels,
+        "val_images": data.val_images,
+        "val_labels": data.val_labels,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _matches(data: SyntheticData, num_train: int, num_val: int, resolution: int) -> bool:
+    """Shape check so that a truncated or foreign file is not trusted."""
+    return (
+        tuple(data.train_images.shape) == (num_train, 3, resolution, resolution)
+        and tuple(data.val_images.shape) == (num_val, 3, resolution, resolution)
+        and data.train_images.dtype == torch.uint8
+        and data.val_images.dtype == torch.uint8
+        and tuple(data.train_labels.shape) == (num_train,)
+        and tuple(data.val_labels.shape) == (num_val,)
+    )
+
+
+def load_synthetic(
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    resolution: int = DEFAULT_RESOLUTION,
+    num_classes: int = DEFAULT_NUM_CLASSES,
+    seed: int = 0,
+    *,
+    use_cache: bool = True,
+) -> SyntheticData:
+    """``generate`` with an on-disk cache; a missing or corrupt cache file is regenerated.
+
+    A cache folder that cannot be written only costs the cache, never the run.
+    """
+    _check_params(num_train, num_val, resolution, num_classes)
+    if not use_cache:
+        return generate(num_train, num_val, resolution, num_classes, seed)
+    path = cache_path(num_train, num_val, resolution, num_classes, seed)
+    data = _read_cache(path, num_classes) if path.is_file() else None
+    if data is not None and _matches(data, num_train, num_val, resolution):
+        return data
+    data = generate(num_train, num_val, resolution, num_classes, seed)
+    try:
+        _write_cache(path, data)
+    except OSError as err:  # read-only or full disk: run uncached
+        warnings.warn(f"bnbench: not caching synthetic data at {path}: {err}", stacklevel=2)
+    return data

@@ -16,15 +16,29 @@ import torch
 from bnbench import cli
 
 #: A seconds-long configuration of the main job (tiny synthetic data, narrow model).
-TINY = ["dataset.num_train=256", "dataset.num_val=64", "dataset.resolution=8", "model.width=0.125",
-        "trainer.batch_size=32", "precise.num_samples=128", "precise.batch_size=64",
-        "eval.batch_size=64", "trainer.threads=1"]
+TINY = [
+    "dataset.num_train=256",
+    "dataset.num_val=64",
+    "dataset.resolution=8",
+    "model.width=0.125",
+    "trainer.batch_size=32",
+    "precise.num_samples=128",
+    "precise.batch_size=64",
+    "eval.batch_size=64",
+    "trainer.threads=1",
+]
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
     full_env = {**os.environ, "BNBENCH_CACHE": str(cwd / "cache"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "bnbench", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bnbench", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def error_line(capsys) -> str:
@@ -34,21 +48,24 @@ def error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["trainer.epoch=3"], "unknown key trainer.epoch; valid keys here: epochs"),
-    (["trainer.epochs=abc"], "trainer.epochs"),
-    (["+norm=nope"], "norm=nope: unknown option; choose one of batch_eval, bn, brn, cbn"),
-    (["model=resnet1"], "model=resnet1: unknown option; choose one of"),
-    (["trainer.batch_size=0"], "trainer.batch_size=0: must be positive"),
-    (["trainer.epochs=-1"], "trainer.epochs=-1: must be positive"),
-    (["optim.lr=0"], "optim.lr=0.0: must be positive"),
-    (["norm.window=3"], "norm=bn: unknown option window; valid options:"),
-    (["+norm=gn", "norm.nbs=2"], "norm=gn: unknown option nbs"),
-    (["-m", "+norm=bn,gn", "trainer.batch_size=8,0"], "trainer.batch_size=0"),
-    (["optim.schedule=linear"], "optim.schedule=linear: choose one of cosine, step"),
-    (["hydra.run.dir=/proc/nope/run"], "not writable"),
-    (["hydra.run.dir=/dev/null/run"], "not writable"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["trainer.epoch=3"], "unknown key trainer.epoch; valid keys here: epochs"),
+        (["trainer.epochs=abc"], "trainer.epochs"),
+        (["+norm=nope"], "norm=nope: unknown option; choose one of batch_eval, bn, brn, cbn"),
+        (["model=resnet1"], "model=resnet1: unknown option; choose one of"),
+        (["trainer.batch_size=0"], "trainer.batch_size=0: must be positive"),
+        (["trainer.epochs=-1"], "trainer.epochs=-1: must be positive"),
+        (["optim.lr=0"], "optim.lr=0.0: must be positive"),
+        (["norm.window=3"], "norm=bn: unknown option window; valid options:"),
+        (["+norm=gn", "norm.nbs=2"], "norm=gn: unknown option nbs"),
+        (["-m", "+norm=bn,gn", "trainer.batch_size=8,0"], "trainer.batch_size=0"),
+        (["optim.schedule=linear"], "optim.schedule=linear: choose one of cosine, step"),
+        (["hydra.run.dir=/proc/nope/run"], "not writable"),
+        (["hydra.run.dir=/dev/null/run"], "not writable"),
+    ],
+)
 def test_bad_overrides_are_one_line(args, needle, capsys):
     assert cli.main(["train", *args]) == 2
     assert needle in error_line(capsys)
@@ -60,8 +77,16 @@ def test_unknown_command_and_usage(capsys):
     assert cli.main(["--help"]) == 0
 
 
-@pytest.mark.parametrize("args", [["+norm=cbn"], ["+norm=ghost", "norm.nbs=2"],
-                                  ["+norm=brn"], ["+norm=syncbn"], ["+norm=frozen"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["+norm=cbn"],
+        ["+norm=ghost", "norm.nbs=2"],
+        ["+norm=brn"],
+        ["+norm=syncbn"],
+        ["+norm=frozen"],
+    ],
+)
 def test_documented_forms_compose(args):
     cli.validate_overrides(args)
 
@@ -78,8 +103,7 @@ def _summary(run_dir: Path) -> dict:
 
 
 def test_gn_run_end_to_end(tmp_path):
-    out = run_cli("train", "+norm=gn", *TINY, "trainer.epochs=1", "hydra.run.dir=run",
-                  cwd=tmp_path)
+    out = run_cli("train", "+norm=gn", *TINY, "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     summary = _summary(run)
@@ -97,8 +121,12 @@ def test_bn_run_logs_ema_and_precise(tmp_path):
     run = tmp_path / "run"
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [e for e in events if e["split"] == "val"]
-    assert [(e["epoch"], e["stats"]) for e in val] == [(1, "ema"), (1, "precise"), (2, "ema"),
-                                                        (2, "precise")]
+    assert [(e["epoch"], e["stats"]) for e in val] == [
+        (1, "ema"),
+        (1, "precise"),
+        (2, "ema"),
+        (2, "precise"),
+    ]
     for e in events:
         assert {"epoch", "iter", "split", "stats", "top1", "loss", "time"} <= set(e)
     summary = _summary(run)
@@ -113,9 +141,18 @@ def test_bn_run_logs_ema_and_precise(tmp_path):
 
 
 def test_multirun_sweep_one_dir_per_job(tmp_path):
-    out = run_cli("train", "-m", "+norm=bn,gn", "trainer.batch_size=8,32", *TINY[:4],
-                  "trainer.max_iters=2", "precise.num_samples=64", "hydra.sweep.dir=sweep",
-                  cwd=tmp_path, timeout=600)
+    out = run_cli(
+        "train",
+        "-m",
+        "+norm=bn,gn",
+        "trainer.batch_size=8,32",
+        *TINY[:4],
+        "trainer.max_iters=2",
+        "precise.num_samples=64",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     dirs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/summary.json"))
     assert len(dirs) == 4
@@ -128,9 +165,14 @@ def test_kill_and_resume_is_exact(tmp_path):
     ref = run_cli(*args, "hydra.run.dir=ref", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
     env = {**os.environ, "BNBENCH_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "bnbench", *args, "hydra.run.dir=cut"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnbench", *args, "hydra.run.dir=cut"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = tmp_path / "cut" / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -150,23 +192,122 @@ def test_kill_and_resume_is_exact(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
-    out = run_cli("train", *TINY, "trainer.epochs=3", "optim.lr=1e30", "optim.warmup_epochs=0",
-                  "hydra.run.dir=run", cwd=tmp_path)
+    out = run_cli(
+        "train",
+        *TINY,
+        "trainer.epochs=3",
+        "optim.lr=1e30",
+        "optim.warmup_epochs=0",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("bnbench: error: loss became") and "iteration" in lines[-1]
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["trainer.batch_size=512"], "exceeds the 256 training images"),
-    (["+norm=ghost", "norm.nbs=1", "model.small_input=false"], "1 value per channel"),
-    (["dataset=imagefolder", "dataset.root=/nonexistent"], "/nonexistent"),
-    (["+norm=gn", "norm.groups=5"], "norm.groups=5"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["trainer.batch_size=512"], "exceeds the 256 training images"),
+        (["+norm=ghost", "norm.nbs=1", "model.small_input=false"], "1 value per channel"),
+        (["dataset=imagefolder", "dataset.root=/nonexistent"], "/nonexistent"),
+        (["+norm=gn", "norm.groups=5"], "norm.groups=5"),
+    ],
+)
 def test_bad_runtime_inputs_are_one_line(args, needle, tmp_path):
     out = run_cli("train", *TINY, *args, "hydra.run.dir=run", cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("bnbench: error: ") and needle in last, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _png_tree(root: Path, classes: int = 3, per_class: int = 8) -> None:
+    """train/ and val/ ImageFolder trees of 12x12 PNGs; class k is bright in channel k."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k in range(classes):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 60, (12, 12, 3), dtype=np.uint8)
+                pixels[..., k] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_imagefolder_trains_end_to_end(tmp_path, in_memory):
+    _png_tree(tmp_path / "tree")
+    out = run_cli(
+        "train",
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'tree'}",
+        f"dataset.in_memory={str(in_memory).lower()}",
+        "dataset.crop_size=8",
+        "dataset.resize_size=10",
+        "dataset.workers=0",
+        "model.width=0.125",
+        "trainer.batch_size=8",
+        "trainer.epochs=2",
+        "precise.num_samples=16",
+        "precise.batch_size=8",
+        "eval.batch_size=8",
+        "trainer.threads=1",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    summary = _summary(tmp_path / "run")
+    assert summary["dataset"] == "imagefolder" and summary["iterations"] == 2 * 3
+    assert set(summary["final_top1"]) == {"ema", "precise"}
+
+
+def test_every_variant_trains_through_plus_norm(tmp_path):
+    """One sweep over every registry entry: each job trains, validates and writes a summary."""
+    from bnbench.norm import NORMS
+
+    names = ",".join(NORMS)
+    out = run_cli(
+        "train",
+        "-m",
+        f"+norm={names}",
+        *TINY,
+        "trainer.epochs=2",
+        "trainer.max_iters=6",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr
+    summaries = {
+        _summary(p.parent)["norm"]["name"]: _summary(p.parent)
+        for p in (tmp_path / "sweep").glob("*/summary.json")
+    }
+    assert set(summaries) == set(NORMS)
+    for name, summary in summaries.items():
+        kinds = set(summary["final_top1"])
+        expected = {"none"} if name in ("gn", "ln", "in") else {"ema", "precise"}
+        if name == "batch_eval":
+            expected = {"ema", "precise", "batch"}
+        assert kinds == expected, (name, kinds)
+
+
+def test_freeze_at_epoch_switches_to_frozen_bn(tmp_path):
+    out = run_cli(
+        "train",
+        *TINY,
+        "trainer.epochs=2",
+        "norm.freeze_at_epoch=1",
+        "precise.enabled=false",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)["model"]
+    tracked = {k: int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert set(tracked.values()) == {8}  # EMA updated in epoch 1 only (8 iterations)

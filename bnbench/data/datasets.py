@@ -68,7 +68,7 @@ class DatasetConfig:
     pad: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorSplit:
     """A split held in memory: uint8 images [N,3,H,W] and int64 labels [N]."""
 
@@ -92,7 +92,7 @@ class FolderSplit:
 Split = TensorSplit | FolderSplit
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DataSource:
     """A built dataset: its facts, and ``loader`` to iterate either split."""
 

@@ -26,8 +26,16 @@ How it is rendered
     pixel wide) gives an anti-aliased coverage mask. The only Python loops run over kinds and
     fixed-size chunks of images, never over single images.
 
-``generate`` renders from scratch; ``load_synthetic`` adds an on-disk cache in
-``$BNBENCH_CACHE`` (or ``~/.cache/bnbench``) keyed by every parameter and ``GENERATOR_VERSION``.
+Calibration (defaults: 10k train / 2k val, 16 px, 15 classes; 2 CPU threads)
+    ResNet-18 small-input stem, width 1/4 (16/32/64/128), BatchNorm, batch 64, SGD momentum
+    0.9, wd 5e-4, lr 0.05 (0.2 per 256), 1 warmup epoch then cosine, 5 epochs, pad-2 crop +
+    flip: about 25 s and 88% val top-1 (seeds 0-4: 88.2, 89.5, 89.6, 93.5, 83.4). The same
+    with BatchNorm statistics from groups of 2 samples (ghost BN), evaluated with population
+    statistics: 76-80%. Batch 128 (lr 0.1, half the steps): 77%.
+
+``generate`` renders from scratch (about 0.25 s for 12k images at 16 px on 2 cores);
+``load_synthetic`` adds an on-disk cache in ``$BNBENCH_CACHE`` (or ``~/.cache/bnbench``) keyed
+by every parameter, ``GENERATOR_VERSION`` and a digest of the difficulty recipe.
 """
 
 from __future__ import annotations
@@ -440,6 +448,7 @@ def _write_cache(path: Path, data: SyntheticData) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

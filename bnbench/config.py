@@ -97,7 +97,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 64  # per process
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

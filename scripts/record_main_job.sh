@@ -12,7 +12,7 @@ end=$(date +%s)
   echo
   echo "Command: \`bnbench train\` (recorded by \`scripts/record_main_job.sh\`, run dir overridden to a temp dir)."
   echo "Machine: $(nproc) CPU cores, torch $(python -c 'import torch; print(torch.__version__)'), $(date -u +%Y-%m-%d)."
-  echo "Scale: 1/4-width ResNet-18 on 10k synthetic 16x16 images, 5 epochs — not an ImageNet reproduction."
+  echo "Scale: 1/4-width ResNet-18 on 10k synthetic 16x16 images, 8 epochs — not an ImageNet reproduction."
   echo
   echo '```'
   echo "$log" | grep -v "^\[" || true

@@ -94,7 +94,7 @@ def test_documented_forms_compose(args):
 def test_cfg_job_prints_config(tmp_path):
     out = run_cli("train", "+norm=gn", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "name: gn" in out.stdout and "epochs: 5" in out.stdout
+    assert "name: gn" in out.stdout and "epochs: 8" in out.stdout
     assert not (tmp_path / "outputs").exists()
 
 

@@ -329,13 +329,13 @@ class DomainBatchNorm2d(BatchNorm2d):
             x = x.detach()
             if synced:
                 mean, var, total = sync_moments(x, group)
-                stats = mean[None], var[None], torch.tensor([total], device=x.device)
+                stats = mean[None], var[None], [total]
             elif x.shape[0] == 0:
                 continue
             elif self.nbs is None or self.nbs >= x.shape[0]:
                 mean, var = batch_moments(x)
                 count = x[0, 0].numel() * x.shape[0]
-                stats = mean[None], var[None], torch.tensor([count], device=x.device)
+                stats = mean[None], var[None], [count]
             else:
                 _, mean, var, counts = grouped_batch_norm(x, None, None, self.nbs, self.eps)
                 stats = mean, var, counts

@@ -384,8 +384,9 @@ class BatchNorm2d(nn.BatchNorm2d):
         else:
             total = sum(counts)
             w = torch.tensor([c / total for c in counts], dtype=mean.dtype, device=mean.device)
-            bessel = torch.tensor([c / max(c - 1, 1) for c in counts], dtype=mean.dtype,
-                                  device=mean.device)
+            bessel = torch.tensor(
+                [c / max(c - 1, 1) for c in counts], dtype=mean.dtype, device=mean.device
+            )
             batch_mean = w @ mean
             batch_var = (w * bessel) @ var
         running_mean.lerp_(batch_mean.to(running_mean.dtype), self.momentum)

@@ -81,8 +81,8 @@ class BatchRenorm2d(BatchNorm2d):
         beta = self.bias if self.bias is not None else torch.zeros_like(d)
         # One group of the whole batch through GhostBN's kernel: on CPU it is cheaper than the
         # native one, which offsets computing the batch moments twice.
-        y, mean, var, counts = grouped_batch_norm(x, gamma * r.to(gamma.dtype),
-                                                  beta + gamma * d.to(gamma.dtype),
-                                                  x.shape[0], self.eps)
+        y, mean, var, counts = grouped_batch_norm(
+            x, gamma * r.to(gamma.dtype), beta + gamma * d.to(gamma.dtype), x.shape[0], self.eps
+        )
         self._update_population(mean, var, counts)
         return y

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from images import write_png_tree
 
 from bnbench import cli
 
@@ -224,25 +225,9 @@ def test_bad_runtime_inputs_are_one_line(args, needle, tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def _png_tree(root: Path, classes: int = 3, per_class: int = 8) -> None:
-    """train/ and val/ ImageFolder trees of 12x12 PNGs; class k is bright in channel k."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for k in range(classes):
-            folder = root / split / f"class{k}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 60, (12, 12, 3), dtype=np.uint8)
-                pixels[..., k] += 150
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-
-
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_imagefolder_trains_end_to_end(tmp_path, in_memory):
-    _png_tree(tmp_path / "tree")
+    write_png_tree(tmp_path / "tree", per_class=8, size=12)
     out = run_cli(
         "train",
         "dataset=imagefolder",

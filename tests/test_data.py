@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from images import write_png_tree
 from omegaconf import OmegaConf
-from PIL import Image
 
 from bnbench.data import build_dataset, crop_flip, synthetic
 from bnbench.data.loaders import FolderLoader, ShardPlan, TensorLoader
@@ -249,19 +249,6 @@ def test_build_rejects_bad_config(kw: dict[str, object], key: str) -> None:
         build_dataset(_cfg(**kw))
 
 
-def _write_tree(root: Path, per_class: int = 4, classes: int = 3) -> None:
-    """train/ and val/ with ``classes`` folders of 20x20 PNGs; class k has channel k bright."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for k in range(classes):
-            folder = root / split / f"class{k}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 60, (20, 20, 3), dtype=np.uint8)
-                pixels[..., k] = 220
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-
-
 def _check_labels(x: torch.Tensor, y: torch.Tensor) -> None:
     """The brightest channel of each normalized image is its class."""
     assert torch.equal(x.mean(dim=(2, 3)).argmax(1), y)
@@ -269,7 +256,7 @@ def _check_labels(x: torch.Tensor, y: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_imagefolder_loads(tmp_path: Path, in_memory: bool) -> None:
-    _write_tree(tmp_path / "tree")
+    write_png_tree(tmp_path / "tree")
     cfg = _cfg(
         name="imagefolder",
         root=str(tmp_path / "tree"),
@@ -294,7 +281,7 @@ def test_imagefolder_loads(tmp_path: Path, in_memory: bool) -> None:
 
 
 def test_folder_loader_shards_like_one_process(tmp_path: Path) -> None:
-    _write_tree(tmp_path / "tree", per_class=5)
+    write_png_tree(tmp_path / "tree", per_class=5)
     data = build_dataset(
         _cfg(name="imagenet", root=str(tmp_path / "tree"), crop_size=12, resize_size=14, workers=1)
     )
@@ -316,7 +303,7 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
     with pytest.raises(BnbenchError, match="no such folder"):
         build_dataset(_cfg(name="imagenet", root=str(tmp_path / "missing")))
     tree = tmp_path / "tree"
-    _write_tree(tree)
+    write_png_tree(tree)
     for png in (tree / "val").rglob("*.png"):
         png.unlink()
     with pytest.raises(BnbenchError, match="val/: Found no valid file"):
@@ -333,7 +320,7 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
 
 def test_imagefolder_empty_class(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
-    _write_tree(tree)
+    write_png_tree(tree)
     for png in (tree / "train" / "class1").glob("*.png"):
         png.unlink()
     with pytest.raises(BnbenchError, match="train/.*class1"):

@@ -166,7 +166,8 @@ def test_brn_identity_limits_equal_bn():
     torch.testing.assert_close(brn.running_var, bn.running_var)
 
 
-def test_brn_corrections_closed_form():
+def test_brn_corrections_closed_form_forward_and_backward():
+    """y = γ (r x̂ + d) + β with r, d clipped and detached; gradients by autograd of that."""
     brn = _affine(BatchRenorm2d(3, warmup_iters=0, rmax_iters=1, dmax_iters=1).double())
     with torch.no_grad():
         brn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1]))
@@ -174,19 +175,22 @@ def test_brn_corrections_closed_form():
         brn.num_batches_tracked.fill_(10)
     rm, rv = brn.running_mean.clone(), brn.running_var.clone()
     x = _x(4, 3, 3, 3)
-    y = brn(x)
-    d = x.detach()
-    mu, var = d.mean((0, 2, 3)), d.var((0, 2, 3), unbiased=False)
-    sb, s = (var + brn.eps).sqrt(), (rv + brn.eps).sqrt()
-    r = (sb / s).clamp(1 / 3, 3)
-    dd = ((mu - rm) / s).clamp(-5, 5)
-    xhat = (d - mu[:, None, None]) / sb[:, None, None]
-    ref = (
-        brn.weight[:, None, None] * (xhat * r[:, None, None] + dd[:, None, None])
-        + brn.bias[:, None, None]
-    )
-    torch.testing.assert_close(y, ref)
-    assert (r < 1).any() and (r > 1 / 3).all()  # the crafted stats exercise the clip
+
+    def reference(t):
+        mu, var = t.mean((0, 2, 3)), t.var((0, 2, 3), unbiased=False)
+        sb, s = (var + brn.eps).sqrt(), (rv + brn.eps).sqrt()
+        r = (sb / s).clamp(1 / 3, 3).detach()
+        dd = ((mu - rm) / s).clamp(-5, 5).detach()
+        xhat = (t - mu[:, None, None]) / sb[:, None, None]
+        w, b = brn.weight[:, None, None], brn.bias[:, None, None]
+        return w * (xhat * r[:, None, None] + dd[:, None, None]) + b, r, dd
+
+    y, grads = _grads(brn, x, brn)
+    (y_ref, grads_ref), (_, r, dd) = _grads(lambda t: reference(t)[0], x, brn), reference(x)
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    assert (r != 1).all() and (dd != 0).all()  # both corrections active
 
 
 def test_brn_schedule():

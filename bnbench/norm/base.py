@@ -98,14 +98,20 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean[0], var[0]
 
 
+#: ``renorm(mean, var) -> (r, d)``: Batch Renormalization's detached corrections ``(G, C)``.
+Renorm = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 class _GroupedBatchNorm(torch.autograd.Function):
     """BN over contiguous groups of samples in one pass (GhostBN), with an analytic backward.
 
     ``x`` is viewed as ``(G, n, C, L)``; statistics are per ``(g, c)`` over ``(n, L)``, ``M = n·L``.
-    Backward (standard BN gradient per group, with ``x̂ = (x − μ)·r``, ``r = 1/sqrt(σ² + ε)``):
+    Forward ``y = γ (r x̂ + d) + β`` with ``x̂ = (x − μ)·s``, ``s = 1/sqrt(σ² + ε)``, where
+    ``r = 1, d = 0`` (BN) unless ``renorm`` gives Batch Renormalization's detached corrections.
+    Backward (BN's gradient per group, with weight ``γ r``):
 
-        ∂x = γ r (∂y − Σ∂y / M − x̂ · Σ(∂y x̂) / M)
-        ∂γ = Σ_g Σ ∂y x̂,   ∂β = Σ_g Σ ∂y,
+        ∂x = γ r s (∂y − Σ∂y / M − x̂ · Σ(∂y x̂) / M)
+        ∂γ = Σ_g Σ ∂y (r x̂ + d),   ∂β = Σ_g Σ ∂y,
 
     written as ``∂x = a·∂y + b·(x − μ) + c`` with per-(g, c) coefficients (two fused passes).
     Returns ``y`` and the biased group statistics ``(mean, var)`` of shape ``(G, C)`` (no gradient).
@@ -113,17 +119,27 @@ class _GroupedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        groups: int,
+        eps: float,
+        renorm: Renorm | None = None,
     ):
         n, c = x.shape[0], x.shape[1]
         mean, var, d = _centered_moments(x.reshape(groups, n // groups, c, -1))
         invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight
+        r, shift_d = renorm(mean, var) if renorm is not None else (None, None)
+        gamma = invstd if r is None else invstd * r  # the scale per unit of γ: r·s
+        scale = gamma if weight is None else gamma * weight
         # mul + add_ (not addcmul): a broadcast addend makes addcmul 3-4x slower on CPU.
         y = d * scale[:, None, :, None]
+        if shift_d is not None:
+            y.add_((shift_d if weight is None else shift_d * weight)[:, None, :, None])
         if bias is not None:
             y.add_(bias[None, None, :, None])
-        ctx.save_for_backward(d, weight, invstd)
+        ctx.save_for_backward(d, weight, invstd, gamma, shift_d)
         ctx.mark_non_differentiable(mean, var)
         ctx.x_shape = x.shape
         # y in the (G, n, C, L) layout: a view made in here could not be modified in place
@@ -132,40 +148,50 @@ class _GroupedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _gm: Tensor, _gv: Tensor):
-        d, weight, invstd = ctx.saved_tensors
+        d, weight, invstd, gamma, shift_d = ctx.saved_tensors
         g = grad_y.reshape(d.shape)
         m = d.shape[1] * d.shape[3]
         sum_g = g.sum(dim=3).sum(dim=1)
         sum_gd = _row_dot(g, d).sum(dim=1)
-        a = invstd if weight is None else invstd * weight
+        a = gamma if weight is None else gamma * weight
         b = -a * invstd * invstd * sum_gd / m
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g * a[:, None, :, None]
             grad_x.addcmul_(d, b[:, None, :, None]).add_((-a * sum_g / m)[:, None, :, None])
             grad_x = grad_x.view(ctx.x_shape)
-        grad_w = (invstd * sum_gd).sum(0) if ctx.needs_input_grad[1] else None
-        grad_b = sum_g.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_w = gamma * sum_gd if shift_d is None else gamma * sum_gd + shift_d * sum_g
+            grad_w = grad_w.sum(0)
+        if ctx.needs_input_grad[2]:
+            grad_b = sum_g.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def grouped_batch_norm(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, nbs: int, eps: float
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    nbs: int,
+    eps: float,
+    renorm: Renorm | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Normalize each contiguous group of ``nbs`` samples with its own statistics.
 
     Returns ``(y, mean, var, counts)``: group statistics ``(G, C)`` (biased, no gradient) and the
     number of elements per channel of each group. A remainder of ``N mod nbs`` samples is its
-    own, smaller group.
+    own, smaller group. ``renorm`` (Batch Renormalization) maps the group statistics to the
+    corrections ``(r, d)``.
     """
     n, length = x.shape[0], math.prod(x.shape[2:])
     groups, rest = divmod(n, nbs)
     if rest == 0:
-        y, mean, var = _GroupedBatchNorm.apply(x, weight, bias, groups, eps)
+        y, mean, var = _GroupedBatchNorm.apply(x, weight, bias, groups, eps, renorm)
         return y.view(x.shape), mean, var, [nbs * length] * groups
     parts = [(x[: n - rest], groups)] if groups else []
     parts.append((x[n - rest :], 1))
-    outs = [_GroupedBatchNorm.apply(part, weight, bias, g, eps) for part, g in parts]
+    outs = [_GroupedBatchNorm.apply(part, weight, bias, g, eps, renorm) for part, g in parts]
     y = torch.cat([out[0].view(part.shape) for out, (part, _) in zip(outs, parts)])
     counts = [nbs * length] * groups + [rest * length]
     return y, torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]), counts

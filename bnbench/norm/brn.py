@@ -15,11 +15,10 @@ to ``rmax`` (3) by ``rmax_iters`` (40k) and d_max to ``dmax`` (5) by ``dmax_iter
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d, batch_moments, grouped_batch_norm
+from bnbench.norm.base import BatchNorm2d, grouped_batch_norm
 
 
 def ramp(t: float, start: float, end: float, final: float, initial: float) -> float:
@@ -71,18 +70,18 @@ class BatchRenorm2d(BatchNorm2d):
         if rmax == 1.0 and dmax == 0.0:
             return super()._train_forward(x)
         self._check_group_size(x, x.shape[0])
-        with torch.no_grad():
-            mean_b, var_b = batch_moments(x)
+
+        def corrections(mean_b: Tensor, var_b: Tensor) -> tuple[Tensor, Tensor]:
             std_b = (var_b + self.eps).sqrt()
             std = (self.running_var.to(var_b.dtype) + self.eps).sqrt()
             r = (std_b / std).clamp(1.0 / rmax, rmax)
             d = ((mean_b - self.running_mean.to(var_b.dtype)) / std).clamp(-dmax, dmax)
-        gamma = self.weight if self.weight is not None else torch.ones_like(r)
-        beta = self.bias if self.bias is not None else torch.zeros_like(d)
-        # One group of the whole batch through GhostBN's kernel: on CPU it is cheaper than the
-        # native one, which offsets computing the batch moments twice.
+            return r, d
+
+        # One group (the whole batch) through GhostBN's kernel, which applies r and d from the
+        # statistics it computes; r and d are constants for autograd there.
         y, mean, var, counts = grouped_batch_norm(
-            x, gamma * r.to(gamma.dtype), beta + gamma * d.to(gamma.dtype), x.shape[0], self.eps
+            x, self.weight, self.bias, x.shape[0], self.eps, corrections
         )
         self._update_population(mean, var, counts)
         return y

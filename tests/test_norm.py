@@ -97,11 +97,16 @@ def test_ghost_gradcheck():
 
 @pytest.mark.parametrize("offset", [0.0, 30.0, 1000.0])
 def test_float32_statistics_survive_large_means(offset):
-    """Centered two-pass moments: a mean ≫ std must not destroy the variance in float32."""
-    x64 = torch.randn(16, 8, 8, 8, dtype=torch.float64) * 0.5 + offset
-    x = x64.float()
+    """Centered two-pass moments: a mean ≫ std must not destroy the variance in float32.
+
+    (One-pass E[x²] − E[x]² in float32 is off by ~8% in the variance at offset 1000; what is
+    left here is the rounding of x − μ in float32, ~1e-4 of σ.)
+    """
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 8, 8, 8, generator=g, dtype=torch.float64) * 0.5 + offset).float()
+    x64 = x.double()  # the reference sees exactly the same (rounded) input
     ref = torch.cat([F.batch_norm(c, None, None, training=True) for c in x64.split(4)])
-    torch.testing.assert_close(BatchNorm2d(8, nbs=4)(x).double(), ref, atol=2e-4, rtol=0)
+    torch.testing.assert_close(BatchNorm2d(8, nbs=4)(x).double(), ref, atol=5e-4, rtol=0)
     mean, var = norms.base.batch_moments(x)
     torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
     torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=0, atol=1e-6 * (1 + offset))

@@ -8,29 +8,14 @@ batch statistics (GN/LN/IN), one accuracy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnbench.norm import bn_layers
-
-
-@contextmanager
-def eval_stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Evaluate every BN-family layer with ``mode`` ("population" or "batch"), then restore."""
-    layers = bn_layers(model)
-    saved = [layer.eval_stats for layer in layers]
-    for layer in layers:
-        layer.eval_stats = mode
-    try:
-        yield
-    finally:
-        for layer, old in zip(layers, saved):
-            layer.eval_stats = old
+from bnbench.norm import bn_layers, eval_stats_mode  # noqa: F401  (re-exported)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnbench.errors import BnbenchError
-from bnbench.norm import bn_layers
+from bnbench.norm import bn_layers, eval_stats_mode
 from bnbench.norm.base import BatchNorm2d
 
 ESTIMATORS = ("population", "batch_mean")
@@ -132,6 +132,7 @@ def _assign(
     layers: list[BatchNorm2d], acc: dict[tuple[int, int], _Moments], estimator: str
 ) -> None:
     keys = sorted(acc)
+    _check_keys(keys)
     _reduce(acc, keys)
     for i, slot in keys:
         layer = layers[i]
@@ -161,14 +162,18 @@ def _forward_order(
     return seen
 
 
-def _check_dist_keys(local: int) -> None:
-    """Every rank must have seen batches, else the all-reduce would not match."""
+def _check_keys(keys: list[tuple[int, int]]) -> None:
+    """Every rank must report the same (layer, slot) keys, else the all-reduce would mix them."""
     if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([local], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        local = int(t.item())
-    if local == 0:
-        raise BnbenchError("PreciseBN: a process received no samples; raise precise.num_samples")
+        everyone: list[list[tuple[int, int]]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(everyone, keys)
+        if any(k != keys for k in everyone):
+            raise BnbenchError(
+                "PreciseBN: processes saw different layers/domains (or one saw "
+                "no samples); raise precise.num_samples or check the data"
+            )
+    if not keys:
+        raise BnbenchError("PreciseBN: no samples were seen; raise precise.num_samples")
 
 
 @torch.no_grad()
@@ -182,20 +187,18 @@ def update_population_stats(
     """
     if estimator not in ESTIMATORS:
         raise BnbenchError(f"precise.estimator={estimator}: choose one of {', '.join(ESTIMATORS)}")
-    layers = bn_layers(model)
+    layers = [m for m in bn_layers(model) if not m.frozen]  # frozen statistics are constants
     if not layers:
         return
     was_training = model.training
     model.eval()  # other layers (dropout) as at inference; BN layers observe regardless
     try:
-        if not layerwise:
-            acc = _collect(model, layers, batches, stop_after=False)
-            _check_dist_keys(len(acc))
-            _assign(layers, acc, estimator)
-            return
-        for layer in _forward_order(model, layers, batches):
-            acc = _collect(model, [layer], batches, stop_after=True)
-            _check_dist_keys(len(acc))
-            _assign([layer], acc, estimator)
+        # Layers before the observed one (layer-by-layer) must use their population statistics.
+        with eval_stats_mode(model, "population"):
+            if not layerwise:
+                _assign(layers, _collect(model, layers, batches, stop_after=False), estimator)
+                return
+            for layer in _forward_order(model, layers, batches):
+                _assign([layer], _collect(model, [layer], batches, stop_after=True), estimator)
     finally:
         model.train(was_training)

@@ -91,6 +91,9 @@ def _device(cfg: DictConfig) -> torch.device:
 def _norm_options(cfg: DictConfig, iters_per_epoch: int) -> dict[str, Any]:
     """Layer options, with schedules given in epochs turned into iterations."""
     options = norm_options(cfg.norm)
+    if options.get("eval_stats", "batch" if cfg.norm.name == "batch_eval" else None) == "batch":
+        # Mini-batch statistics at inference default to the training normalization batch.
+        options.setdefault("eval_nbs", options.get("nbs") or cfg.trainer.batch_size)
     if cfg.norm.burnin_epochs is not None and "burnin" not in options:
         options["burnin"] = round(cfg.norm.burnin_epochs * iters_per_epoch)
     if cfg.norm.name == "brn" and cfg.norm.scale_schedule and "schedule_scale" not in options:
@@ -224,9 +227,13 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, net = self.cfg, self.net
         freeze = cfg.norm.freeze_at_epoch
-        if freeze is not None and epoch >= freeze:
-            for layer in bn_layers(self.model):
-                layer.frozen = True  # FrozenBN from here on; the function is unchanged
+        layers = bn_layers(self.model)
+        if freeze is not None and epoch >= freeze and not all(m.frozen for m in layers):
+            # FrozenBN from here on (Fig. 6): the inference function is unchanged; the ranks'
+            # EMA statistics are made equal first so that every rank freezes the same model.
+            sync_population_stats(self.model, cfg.dist.ema_sync)
+            for layer in layers:
+                layer.frozen = True
         net.train()
         self.train_loader.set_epoch(epoch)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -298,13 +305,14 @@ class Trainer:
     def _validate(self, epoch: int) -> dict[str, dict[str, float]]:
         cfg = self.cfg
         sync_population_stats(self.model, cfg.dist.ema_sync)
-        val = self._loader(
-            "val", cfg.eval.batch_size, augment=False, shuffle=False, drop_last=False
-        )
         results: dict[str, dict[str, float]] = {}
         for kind in self.kinds:
             start = time.perf_counter()
             mode = "batch" if kind == "batch" else "population"
+            # Batch statistics need random batches (a class-sorted folder would leak labels).
+            val = self._loader(
+                "val", cfg.eval.batch_size, augment=False, shuffle=kind == "batch", drop_last=False
+            )
             with preserved_population(self.model), eval_stats_mode(self.model, mode):
                 if kind == "precise":
                     update_population_stats(

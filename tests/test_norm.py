@@ -266,6 +266,7 @@ def test_syncbn_single_process_is_bn():
         lambda: norms.make("bn", nbs_typo=3),
         lambda: norms.make("nope"),
         lambda: norms.make("bn", eval_stats="sometimes")(4),
+        lambda: norms.make("batch_eval", eval_stats="population"),
         lambda: BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),
         lambda: BatchNorm2d(3, nbs=1)(torch.randn(4, 3, 1, 1)),
     ],
@@ -310,3 +311,15 @@ def test_state_dict_round_trip_continues_identically(name, opts):
         assert torch.equal(value, b.state_dict()[key]), key
     a.eval(), b.eval()
     assert torch.equal(a(xs[0]), b(xs[0]))
+
+
+def test_ghost_bf16_input_keeps_dtype_and_fp32_statistics():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 4, 6, 6, generator=g) * 0.5 + 4.0).bfloat16()
+    layer = BatchNorm2d(4, nbs=2)
+    y = layer(x)
+    ref = torch.cat([F.batch_norm(c, None, None, training=True) for c in x.float().split(2)])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=0)  # bf16 output rounding only
+    expected_mean = torch.stack([c.mean((0, 2, 3)) for c in x.float().split(2)]).mean(0)
+    torch.testing.assert_close(layer.running_mean, 0.1 * expected_mean)

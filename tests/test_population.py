@@ -106,10 +106,31 @@ def test_preserved_population_restores_ema_and_ghost_layers_report_whole_batch()
 
 
 def test_other_bn_family_layers_get_precise_stats():
-    for name, opts in [("brn", {}), ("frozen", {}), ("batch_eval", {})]:
+    for name, opts in [("brn", {}), ("batch_eval", {}), ("ghost", {"nbs": 2})]:
         model, x = _model(), _data()
         norms.convert(model, name, **opts)
         update_population_stats(model, lambda x=x: x.split(10))
         with torch.no_grad():
             feats = model[0](x)
         torch.testing.assert_close(model[1].running_mean, feats.mean((0, 2, 3)))
+
+
+def test_frozen_statistics_are_constants_for_precise_bn():
+    model, x = _model(), _data()
+    norms.convert(model, "frozen")
+    before = [m.running_var.clone() for m in norms.bn_layers(model)]
+    out = model.eval()(x)
+    update_population_stats(model, lambda: x.split(10))
+    assert all(torch.equal(a, m.running_var) for a, m in zip(before, norms.bn_layers(model)))
+    torch.testing.assert_close(model(x), out)
+
+
+def test_layerwise_is_exact_for_layers_evaluated_with_batch_statistics():
+    model, x = _model(), _data()
+    expected = _one_batch_stats(model, x)
+    norms.convert(model, "batch_eval", eval_nbs=4)
+    update_population_stats(model, lambda: x.split(4), layerwise=True)
+    for layer, (mean, var) in zip(norms.bn_layers(model), expected):
+        torch.testing.assert_close(layer.running_mean, mean)
+        torch.testing.assert_close(layer.running_var, var)
+    assert all(m.eval_stats == "batch" for m in norms.bn_layers(model))

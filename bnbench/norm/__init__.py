@@ -8,7 +8,8 @@ statistics where the new layer has them, and returns the model. ``make(name, **o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,11 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Options with ``None`` dropped; an option the variant does not take is an error."""
     entry = spec(name)
     given = {k: v for k, v in options.items() if v is not None}
+    clash = sorted(k for k in given if k in entry.fixed and given[k] != entry.fixed[k])
+    if clash:
+        raise BnbenchError(
+            f"norm={name}: {clash[0]} is fixed to {entry.fixed[clash[0]]!r} for this variant"
+        )
     unknown = sorted(set(given) - entry.options)
     if unknown:
         raise BnbenchError(
@@ -190,13 +196,27 @@ def _copy_state(old: nn.Module, new: nn.Module) -> None:
     ref = next((t for t in [*old.parameters(), *old.buffers()]), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    for key in ("weight", "bias", "running_mean", "running_var"):
+    for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         src, dst = getattr(old, key, None), getattr(new, key, None)
         if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor):
             if src.shape == dst.shape:
                 dst.copy_(src)
             elif dst.dim() == src.dim() + 1 and dst.shape[1:] == src.shape:
                 dst.copy_(src.expand_as(dst))  # per-domain copies of shared state
+
+
+@contextmanager
+def eval_stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Evaluate every BN-family layer with ``mode`` ("population" or "batch"), then restore."""
+    layers = bn_layers(model)
+    saved = [layer.eval_stats for layer in layers]
+    for layer in layers:
+        layer.eval_stats = mode
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, saved):
+            layer.eval_stats = old
 
 
 def bn_layers(model: nn.Module) -> list[BatchNorm2d]:

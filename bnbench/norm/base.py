@@ -18,7 +18,8 @@ decided in :meth:`BatchNorm2d._batch_forward` and nowhere else:
 * at inference, ``eval_stats="population"`` uses the population statistics (``running_mean``,
   ``running_var``); ``eval_stats="batch"`` uses mini-batch statistics with groups of ``eval_nbs``
   (§4.2, "use mini-batch statistics in inference");
-* ``frozen=True`` uses the population statistics in training too (FrozenBN, §4.3);
+* ``frozen=True`` uses the population statistics in training too (FrozenBN, §4.3), and PreciseBN
+  does not recompute them: they are constants of the model;
 * while a PreciseBN observer is attached (:mod:`bnbench.population`), ``S`` is the whole
   per-process batch and the statistics are reported instead of being averaged into the EMA.
 
@@ -32,6 +33,7 @@ As in PyTorch, the variance averaged into the EMA is the unbiased one, ``σ²_S 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -49,6 +51,14 @@ EVAL_STATS = ("population", "batch")
 
 
 def check_momentum(momentum: float) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise BnbenchError(f"norm.momentum={momentum}: must be a number in [0, 1]")
+    if momentum > 0.5:
+        warnings.warn(
+            f"norm.momentum={momentum} is PyTorch's m (weight of the new batch); the "
+            f"paper's λ = 0.9 is m = 0.1",
+            stacklevel=3,
+        )
     if not 0.0 <= float(momentum) <= 1.0:
         raise BnbenchError(
             f"norm.momentum={momentum}: must be in [0, 1] (PyTorch convention, λ = 1 − m)"
@@ -184,17 +194,22 @@ def grouped_batch_norm(
     own, smaller group. ``renorm`` (Batch Renormalization) maps the group statistics to the
     corrections ``(r, d)``.
     """
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # statistics and normalization in fp32
+        x = x.float()
+        weight = weight.float() if weight is not None else None
+        bias = bias.float() if bias is not None else None
     n, length = x.shape[0], math.prod(x.shape[2:])
     groups, rest = divmod(n, nbs)
     if rest == 0:
         y, mean, var = _GroupedBatchNorm.apply(x, weight, bias, groups, eps, renorm)
-        return y.view(x.shape), mean, var, [nbs * length] * groups
+        return y.view(x.shape).to(dtype), mean, var, [nbs * length] * groups
     parts = [(x[: n - rest], groups)] if groups else []
     parts.append((x[n - rest :], 1))
     outs = [_GroupedBatchNorm.apply(part, weight, bias, g, eps, renorm) for part, g in parts]
     y = torch.cat([out[0].view(part.shape) for out, (part, _) in zip(outs, parts)])
     counts = [nbs * length] * groups + [rest * length]
-    return y, torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]), counts
+    return y.to(dtype), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]), counts
 
 
 def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, int]:
@@ -305,9 +320,11 @@ class BatchNorm2d(nn.BatchNorm2d):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        if self.frozen:  # constant statistics: PreciseBN leaves them alone too
+            return self._population_forward(x)
         if self._observer is not None:
             return self._observed_forward(x)
-        if self.frozen or (not self.training and self.eval_stats == "population"):
+        if not self.training and self.eval_stats == "population":
             return self._population_forward(x)
         if not self.training:
             return self._batch_forward(x, self.eval_nbs, update=False)

@@ -132,7 +132,7 @@ def _assign(
     layers: list[BatchNorm2d], acc: dict[tuple[int, int], _Moments], estimator: str
 ) -> None:
     keys = sorted(acc)
-    _check_keys(keys)
+    _check_keys(keys, layers[0].running_mean.device)
     _reduce(acc, keys)
     for i, slot in keys:
         layer = layers[i]
@@ -162,12 +162,22 @@ def _forward_order(
     return seen
 
 
-def _check_keys(keys: list[tuple[int, int]]) -> None:
-    """Every rank must report the same (layer, slot) keys, else the all-reduce would mix them."""
+def _check_keys(keys: list[tuple[int, int]], device: torch.device) -> None:
+    """Every rank must report the same (layer, slot) keys, else the all-reduce would mix them.
+
+    Compared through a count and a checksum of the keys, reduced with MIN and MAX (a tensor on
+    the statistics' device, so it works with NCCL as with gloo).
+    """
     if dist.is_available() and dist.is_initialized():
-        everyone: list[list[tuple[int, int]]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(everyone, keys)
-        if any(k != keys for k in everyone):
+        code = torch.tensor(
+            [len(keys), sum((i + 1) * 1009 + s for i, s in keys)],
+            dtype=torch.float64,
+            device=device,
+        )
+        low, high = code.clone(), code.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
             raise BnbenchError(
                 "PreciseBN: processes saw different layers/domains (or one saw "
                 "no samples); raise precise.num_samples or check the data"

@@ -367,6 +367,8 @@ class Trainer:
         if self.rank == 0 and self.run_dir is not None:
             write_json(self.run_dir / "summary.json", summary)
         self.log.close()
+        if D.is_distributed():
+            D.dist.barrier()  # every rank done (and rank 0's files written) before any exits
         return summary
 
     def _record(self, split: str, epoch: int, kind: str, metrics: dict[str, float]) -> None:

@@ -51,17 +51,18 @@ EVAL_STATS = ("population", "batch")
 
 
 def check_momentum(momentum: float) -> float:
+    """PyTorch's EMA momentum ``m`` in [0, 1] (the paper's λ = 1 − m); warns above 0.5."""
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise BnbenchError(f"norm.momentum={momentum}: must be a number in [0, 1]")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise BnbenchError(
+            f"norm.momentum={momentum}: must be in [0, 1] (PyTorch convention, λ = 1 − m)"
+        )
     if momentum > 0.5:
         warnings.warn(
             f"norm.momentum={momentum} is PyTorch's m (weight of the new batch); the "
             f"paper's λ = 0.9 is m = 0.1",
             stacklevel=3,
-        )
-    if not 0.0 <= float(momentum) <= 1.0:
-        raise BnbenchError(
-            f"norm.momentum={momentum}: must be in [0, 1] (PyTorch convention, λ = 1 − m)"
         )
     return float(momentum)
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnbench.norm import bn_layers, eval_stats_mode  # noqa: F401  (re-exported)
+from bnbench.norm import bn_layers
 
 
 @torch.no_grad()

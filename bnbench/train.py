@@ -24,10 +24,10 @@ from bnbench import distributed as D
 from bnbench.config import norm_options
 from bnbench.data import build_dataset
 from bnbench.errors import BnbenchError
-from bnbench.evaluate import eval_stats_mode, evaluate, sync_population_stats
+from bnbench.evaluate import evaluate, sync_population_stats
 from bnbench.logs import RunLog, write_json
 from bnbench.models import build_model
-from bnbench.norm import bn_layers
+from bnbench.norm import bn_layers, eval_stats_mode
 from bnbench.population import preserved_population, update_population_stats
 
 log = logging.getLogger("bnbench")

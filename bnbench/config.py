@@ -54,6 +54,7 @@ class NormConfig:
     nbs: Optional[int] = None
     eval_stats: Optional[str] = None
     eval_nbs: Optional[int] = None
+    kernel: Optional[str] = None
     group_size: Optional[int] = None
     freeze_affine: Optional[bool] = None
     rmax: Optional[float] = None
@@ -67,6 +68,7 @@ class NormConfig:
     burnin: Optional[int] = None
     rho: Optional[float] = None
     neg_var: Optional[str] = None
+    jacobian_dtype: Optional[str] = None
     num_domains: Optional[int] = None
     train_stats: Optional[str] = None
     pop_stats: Optional[str] = None

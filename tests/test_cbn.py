@@ -17,7 +17,9 @@ from torchvision.models import resnet18, resnet50
 
 from bnbench.errors import BnbenchError
 from bnbench.models.resnet import resnet
-from bnbench.norm.cbn import CBN_OPTIONS, CrossIterationBatchNorm2d, _WindowBatchNorm, pair_convs
+from bnbench.norm.base import grouped_batch_norm
+from bnbench.norm.cbn import CBN_OPTIONS, CrossIterationBatchNorm2d, pair_convs, window_statistics
+from bnbench.norm.kernels import EAGER, select
 
 D = torch.float64
 
@@ -121,6 +123,8 @@ def test_options_and_validation():
             CrossIterationBatchNorm2d(4, window=bad)
     with pytest.raises(BnbenchError, match="neg_var"):
         CrossIterationBatchNorm2d(4, neg_var="abs")
+    with pytest.raises(BnbenchError, match="jacobian_dtype"):
+        CrossIterationBatchNorm2d(4, jacobian_dtype="float16")
     for bad in (-1, 2.5, None, "8"):
         with pytest.raises(BnbenchError, match="burnin"):
             CrossIterationBatchNorm2d(4, burnin=bad)
@@ -257,6 +261,42 @@ def test_compensation_is_first_order_accurate(spec):
         assert 3 <= big / small <= 5  # second-order remainder: halving δ divides it by ≈ 4
 
 
+def test_bfloat16_jacobian_is_close_and_compensates_only_weight_changes():
+    """bf16 ∂ν/∂W: within bf16 rounding of the exact one; with unchanged weights the stored
+    entry comes back unchanged (Δν uses the stored ⟨∂ν/∂W, W⟩, not 2ν), and a weight step is
+    still compensated to well under the stale error."""
+    conv, exact = _pair(cin=8, cout=6, window=2, dtype=torch.float32, seed=3)
+    fast = CrossIterationBatchNorm2d(6, window=2, jacobian_dtype="bfloat16")
+    fast.load_state_dict(exact.state_dict())
+    fast.pair(conv)
+    x_old = torch.randn(4, 8, 6, 6)
+    y = conv(x_old)
+    _, dsq = exact.jacobians(x_old, y)
+    _, dsq_bf16 = fast.jacobians(x_old, y)
+    assert dsq_bf16.dtype == torch.float32
+    torch.testing.assert_close(dsq_bf16, dsq, rtol=0, atol=1e-2 * dsq.abs().max().item())
+    assert not torch.equal(dsq_bf16, dsq)  # it is rounded
+    with torch.no_grad():
+        fast(conv(x_old))
+        stored_var = fast.hist_var[0].clone()
+        mean, var, _ = fast._compensated(1, torch.float32)
+    torch.testing.assert_close(var[0], stored_var, rtol=1e-5, atol=1e-6)
+    exact.pair(conv)
+    with torch.no_grad():
+        exact(conv(x_old))
+    w_old = conv.weight.detach().clone()
+    with torch.no_grad():
+        conv.weight.add_(0.001 * torch.randn_like(w_old))
+        true_nu = _moments(conv(x_old))[1]
+        stale = (_moments(F.conv2d(x_old, w_old, None, 1, 1))[1] - true_nu).abs().max()
+        errors = []
+        for layer in (exact, fast):
+            mean, var, _ = layer._compensated(1, torch.float32)
+            errors.append((var[0] + mean[0] ** 2 - true_nu).abs().max())
+    assert errors[0] < 0.1 * stale  # exact: the second-order remainder only
+    assert errors[1] < errors[0] + 0.02 * stale  # bf16: + ~0.3 % of the first-order term
+
+
 def test_compensated_window_end_to_end_and_gradient_only_through_current():
     """Several iterations with changing weights and bias: each output equals the paper's window
     of Taylor-compensated entries (autograd reference), and gradients (input, γ, β and the conv
@@ -295,11 +335,12 @@ def test_window_function_gradcheck():
     past_mean, past_var = torch.randn(2, 2, dtype=D), torch.rand(2, 2, dtype=D)
     keep = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=D)
 
-    def f(x, gamma, beta):
-        return _WindowBatchNorm.apply(x, gamma, beta, past_mean, past_var, keep, 1e-3, None, None,
-                                      0.1)[0]
+    for kernels in (EAGER, select("compiled", x.device)):
+        def f(x, gamma, beta, kernels=kernels):
+            return grouped_batch_norm(x, gamma, beta, x.shape[0], 1e-3, kernels,
+                                      window_statistics, past_mean, past_var, keep)[0]
 
-    assert torch.autograd.gradcheck(f, (x, gamma, beta))
+        assert torch.autograd.gradcheck(f, (x, gamma, beta))
 
 
 # -- negative variances ---------------------------------------------------------------------------

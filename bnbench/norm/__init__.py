@@ -21,7 +21,7 @@ from bnbench.norm.base import BatchNorm2d
 from bnbench.norm.brn import BatchRenorm2d
 from bnbench.norm.group import group_norm, instance_norm, layer_norm
 
-BN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs"})
+BN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "kernel"})
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _registry() -> dict[str, NormSpec]:
         ),
         "naive_cbn": NormSpec(
             CrossIterationBatchNorm2d,
-            CBN_OPTIONS - {"rho"},
+            CBN_OPTIONS - {"rho", "jacobian_dtype"},
             "naive CBN: the same window average without compensation",
             "CBN paper §4 (ablation)",
             attach=pair_convs,

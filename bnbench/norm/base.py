@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnbench.errors import BnbenchError
+from bnbench.norm.kernels import EAGER, Kernels, Transform, check_kernel, select
 
 #: ``observer(layer, slot, mean, var, count)``: PreciseBN's hook, called with the biased batch
 #: mean and variance (shape ``(C,)``) of ``count`` elements per channel.
@@ -75,109 +76,55 @@ def check_positive(name: str, value: int | None, *, allow_none: bool = True) -> 
     return value
 
 
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ_l a·b`` over the last (contiguous) dim of ``(G, n, C, L)`` tensors.
-
-    A product then a reduction over the innermost dim measured faster on CPU than a batched
-    ``bmm`` of ``1×L`` rows and than reducing ``(n, L)`` in one call.
-    """
-    return (a * b).sum(dim=3)
-
-
-def _centered_moments(xv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-(g, c) mean and biased variance of ``xv`` ``(G, n, C, L)`` over ``(n, L)``.
-
-    Two passes, like PyTorch's CPU kernel: the mean, then ``Σ (x − μ)²`` on the centered tensor
-    ``d = x − μ``, which is returned too (GhostBN normalizes and back-propagates from it), so
-    nothing cancels even when ``|μ| ≫ σ``. Works under autograd. (``torch.var_mean`` over two
-    non-adjacent dims is ~20× slower than this on CPU.)
-    """
-    inv_m = 1.0 / (xv.shape[1] * xv.shape[3])
-    # Row sums in the input precision, combined in float64: the mean is then exact to rounding.
-    mean = (xv.sum(dim=3).sum(dim=1, dtype=torch.float64) * inv_m).to(xv.dtype)
-    d = xv - mean[:, None, :, None]
-    var = _row_dot(d, d).sum(dim=1).mul_(inv_m)
-    return mean, var, d
-
-
-def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over ``(N, H, W)`` in fp32 at least (no autograd
-    intended: EMA, PreciseBN and BRN's corrections)."""
+def batch_moments(x: Tensor, kernels: Kernels = EAGER) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over ``(N, H, W)`` in fp32 at least (two-pass; no
+    autograd intended: EMA, PreciseBN and BRN's corrections)."""
     xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    xv = xs.reshape(1, x.shape[0], x.shape[1], math.prod(x.shape[2:]))
-    mean, var, _ = _centered_moments(xv)
-    return mean[0], var[0]
+    mean, var = kernels.moments(xs.reshape(1, x.shape[0], x.shape[1], math.prod(x.shape[2:])))
+    return mean.view(-1), var.view(-1)
 
 
-#: ``renorm(mean, var) -> (r, d)``: Batch Renormalization's detached corrections ``(G, C)``.
-Renorm = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+class _BatchStatsNorm(torch.autograd.Function):
+    """BN over contiguous groups of samples (GhostBN), with the hooks of BRN and CBN.
 
+    ``x`` is viewed as ``(G, n, C, L)``; batch statistics are per ``(g, c)`` over ``(n, L)``,
+    ``M = n·L``, and ``transform`` (default: BN) turns them into a
+    :class:`~bnbench.norm.kernels.Normalization`. Forward ``y = γ (r x̂ + d) + β``,
+    ``x̂ = (x − μ)·s``, ``s = 1/sqrt(σ² + ε)``; backward (BN's gradient per group with weight
+    ``γ r`` and ``M`` replaced by ``count·M``):
 
-class _GroupedBatchNorm(torch.autograd.Function):
-    """BN over contiguous groups of samples in one pass (GhostBN), with an analytic backward.
+        ∂x = γ r s (∂y − (Σ∂y + x̂ Σ(∂y x̂)) / (count·M))
+        ∂γ = Σ_g (r Σ(∂y x̂) + d Σ∂y),   ∂β = Σ_g Σ∂y.
 
-    ``x`` is viewed as ``(G, n, C, L)``; statistics are per ``(g, c)`` over ``(n, L)``, ``M = n·L``.
-    Forward ``y = γ (r x̂ + d) + β`` with ``x̂ = (x − μ)·s``, ``s = 1/sqrt(σ² + ε)``, where
-    ``r = 1, d = 0`` (BN) unless ``renorm`` gives Batch Renormalization's detached corrections.
-    Backward (BN's gradient per group, with weight ``γ r``):
-
-        ∂x = γ r s (∂y − Σ∂y / M − x̂ · Σ(∂y x̂) / M)
-        ∂γ = Σ_g Σ ∂y (r x̂ + d),   ∂β = Σ_g Σ ∂y,
-
-    written as ``∂x = a·∂y + b·(x − μ) + c`` with per-(g, c) coefficients (two fused passes).
-    Returns ``y`` and the biased group statistics ``(mean, var)`` of shape ``(G, C)`` (no gradient).
+    The passes over the data are :mod:`bnbench.norm.kernels` (eager or fused). Returns ``y`` in
+    the ``(G, n, C, L)`` layout and the biased batch statistics ``(mean, var)`` ``(G, C)`` (no
+    gradient).
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        groups: int,
-        eps: float,
-        renorm: Renorm | None = None,
-    ):
-        n, c = x.shape[0], x.shape[1]
-        mean, var, d = _centered_moments(x.reshape(groups, n // groups, c, -1))
-        invstd = torch.rsqrt(var + eps)
-        r, shift_d = renorm(mean, var) if renorm is not None else (None, None)
-        gamma = invstd if r is None else invstd * r  # the scale per unit of γ: r·s
-        scale = gamma if weight is None else gamma * weight
-        # mul + add_ (not addcmul): a broadcast addend makes addcmul 3-4x slower on CPU.
-        y = d * scale[:, None, :, None]
-        if shift_d is not None:
-            y.add_((shift_d if weight is None else shift_d * weight)[:, None, :, None])
-        if bias is not None:
-            y.add_(bias[None, None, :, None])
-        ctx.save_for_backward(d, weight, invstd, gamma, shift_d)
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
+                eps: float, kernels: Kernels, transform: Transform | None, *args: Tensor):
+        xv = x.view(groups, x.shape[0] // groups, x.shape[1], -1)
+        y, mean, var, *saved = kernels.forward(xv, weight, bias, eps, transform, *args)
+        ctx.save_for_backward(x, weight, *saved)
+        ctx.kernels, ctx.groups, ctx.n_args = kernels, groups, len(args)
         ctx.mark_non_differentiable(mean, var)
-        ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)
         # y in the (G, n, C, L) layout: a view made in here could not be modified in place
         # (inplace ReLU after BN); grouped_batch_norm views it as x outside the Function.
-        return y, mean, var
+        return y, mean.view(groups, -1), var.view(groups, -1)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _gm: Tensor, _gv: Tensor):
-        d, weight, invstd, gamma, shift_d = ctx.saved_tensors
-        g = grad_y.reshape(d.shape)
-        m = d.shape[1] * d.shape[3]
-        sum_g = g.sum(dim=3).sum(dim=1)
-        sum_gd = _row_dot(g, d).sum(dim=1)
-        a = gamma if weight is None else gamma * weight
-        b = -a * invstd * invstd * sum_gd / m
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g * a[:, None, :, None]
-            grad_x.addcmul_(d, b[:, None, :, None]).add_((-a * sum_g / m)[:, None, :, None])
-            grad_x = grad_x.view(ctx.x_shape)
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_w = gamma * sum_gd if shift_d is None else gamma * sum_gd + shift_d * sum_g
-            grad_w = grad_w.sum(0)
-        if ctx.needs_input_grad[2]:
-            grad_b = sum_g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+    def backward(ctx, grad_y: Tensor | None, _gm: Tensor | None, _gv: Tensor | None):
+        nones = (None,) * (4 + ctx.n_args)  # groups, eps, kernels, transform, *args
+        if grad_y is None:
+            return None, None, None, *nones
+        x, weight, *saved = ctx.saved_tensors
+        xv = x.view(ctx.groups, x.shape[0] // ctx.groups, x.shape[1], -1)
+        grad_x, grad_w, grad_b = ctx.kernels.backward(grad_y.reshape(xv.shape), xv, weight, *saved)
+        grad_x = grad_x.view(x.shape) if ctx.needs_input_grad[0] else None
+        return (grad_x, grad_w if ctx.needs_input_grad[1] else None,
+                grad_b if ctx.needs_input_grad[2] else None, *nones)
 
 
 def grouped_batch_norm(
@@ -186,14 +133,17 @@ def grouped_batch_norm(
     bias: Tensor | None,
     nbs: int,
     eps: float,
-    renorm: Renorm | None = None,
+    kernels: Kernels = EAGER,
+    transform: Transform | None = None,
+    *args: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Normalize each contiguous group of ``nbs`` samples with its own statistics.
 
     Returns ``(y, mean, var, counts)``: group statistics ``(G, C)`` (biased, no gradient) and the
     number of elements per channel of each group. A remainder of ``N mod nbs`` samples is its
-    own, smaller group. ``renorm`` (Batch Renormalization) maps the group statistics to the
-    corrections ``(r, d)``.
+    own, smaller group. ``transform(mean, var, eps, *args)`` (BRN, CBN) maps the statistics to
+    the normalization (:class:`~bnbench.norm.kernels.Normalization`).
+    Statistics and normalization are fp32 for fp16/bf16 inputs.
     """
     dtype = x.dtype
     if dtype in (torch.float16, torch.bfloat16):  # statistics and normalization in fp32
@@ -202,12 +152,16 @@ def grouped_batch_norm(
         bias = bias.float() if bias is not None else None
     n, length = x.shape[0], math.prod(x.shape[2:])
     groups, rest = divmod(n, nbs)
+    def apply(part: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+        return _BatchStatsNorm.apply(part, weight, bias, groups, eps, kernels, transform, *args)
+
+    x = x.contiguous()
     if rest == 0:
-        y, mean, var = _GroupedBatchNorm.apply(x, weight, bias, groups, eps, renorm)
+        y, mean, var = apply(x, groups)
         return y.view(x.shape).to(dtype), mean, var, [nbs * length] * groups
     parts = [(x[: n - rest], groups)] if groups else []
     parts.append((x[n - rest :], 1))
-    outs = [_GroupedBatchNorm.apply(part, weight, bias, g, eps, renorm) for part, g in parts]
+    outs = [apply(part, g) for part, g in parts]
     y = torch.cat([out[0].view(part.shape) for out, (part, _) in zip(outs, parts)])
     counts = [nbs * length] * groups + [rest * length]
     return y.to(dtype), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]), counts
@@ -228,9 +182,10 @@ def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, i
     xv = (x if x.dtype in (torch.float32, torch.float64) else x.float()).reshape(1, n, c, length)
     count = float(n * length)
     if count > 0:
-        mean_r, var_r, _ = _centered_moments(xv)
-        s1 = count * mean_r[0].double()
-        s2 = count * (var_r[0].double() + mean_r[0].double() ** 2)
+        mean_r, var_r = EAGER.moments(xv)  # eager: differentiable
+        mean_r, var_r = mean_r.view(c).double(), var_r.view(c).double()
+        s1 = count * mean_r
+        s2 = count * (var_r + mean_r**2)
     else:  # an empty rank still joins the all-reduce (and keeps the graph connected)
         s1 = s2 = xv.sum(dim=(0, 1, 3), dtype=torch.float64)
     packed = all_reduce(torch.cat([s1, s2, s1.new_full((1,), count)]), group=group)
@@ -267,6 +222,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         eval_stats: ``"population"`` (EMA / PreciseBN statistics) or ``"batch"`` at inference.
         eval_nbs: group size for ``eval_stats="batch"``; ``None`` = the whole inference batch.
         frozen: normalize with the population statistics in training too (FrozenBN).
+        kernel: ``"auto"``, ``"compiled"`` or ``"eager"``: how the per-group passes of GhostBN,
+            BRN and CBN run (:mod:`bnbench.norm.kernels`; whole-batch BN is PyTorch's kernel).
     """
 
     def __init__(
@@ -281,6 +238,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         eval_stats: str = "population",
         eval_nbs: int | None = None,
         frozen: bool = False,
+        kernel: str = "auto",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -299,6 +257,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.eval_stats = eval_stats
         self.eval_nbs = check_positive("norm.eval_nbs", eval_nbs)
         self.frozen = bool(frozen)
+        self.kernel = check_kernel(kernel)
         self._observer: StatsObserver | None = None
 
     def extra_repr(self) -> str:
@@ -356,7 +315,8 @@ class BatchNorm2d(nn.BatchNorm2d):
                 x, running_mean, running_var, weight, bias, True, self.momentum, self.eps
             )
         self._check_group_size(x, min(nbs, x.shape[0] % nbs or nbs))
-        y, mean, var, counts = grouped_batch_norm(x, weight, bias, nbs, self.eps)
+        y, mean, var, counts = grouped_batch_norm(x, weight, bias, nbs, self.eps,
+                                                  self._kernels(x))
         if update:
             self._update_population(mean, var, counts)
         return y
@@ -404,10 +364,13 @@ class BatchNorm2d(nn.BatchNorm2d):
             dist.get_world_size(group),
         )
 
+    def _kernels(self, x: Tensor) -> Kernels:
+        return select(self.kernel, x.device)
+
     def _observed_forward(self, x: Tensor) -> Tensor:
         """PreciseBN: normalize with the whole per-process batch and report its statistics."""
         self._check_group_size(x, x.shape[0])
-        mean, var = batch_moments(x.detach())
+        mean, var = batch_moments(x.detach(), self._kernels(x))
         count = x.numel() // x.shape[1]
         self._observer(self, self._slot(), mean, var, count)
         weight, bias = self._affine()

@@ -5,9 +5,11 @@ In training, with batch statistics μ_B, σ_B = sqrt(σ²_B + ε) and population
     r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)   (both detached)
     y = γ · (r · (x − μ_B) / σ_B + d) + β
 
-which is BatchNorm with affine ``(γ·r, γ·d + β)``, so BN's kernel does the work and the
-gradient through μ_B, σ_B is exactly BN's. The population statistics are BN's EMA and are used at
-inference. ``r_max = 1, d_max = 0`` is plain BN. Schedules (BRN paper defaults, in iterations
+which is BatchNorm with affine ``(γ·r, γ·d + β)``: the gradient through μ_B, σ_B is BN's with
+weight ``γ r``, and ``∂γ = Σ ∂y (r x̂ + d)`` (GhostBN's kernel with one group and these hooks,
+:class:`bnbench.norm.base.Normalization`). ``r, d`` use the EMA before this batch's update; the
+EMA is BN's (unbiased variance) and is used at inference.
+``r_max = 1, d_max = 0`` is plain BN. Schedules (BRN paper defaults, in iterations
 ``t`` = ``num_batches_tracked``): plain BN until ``warmup_iters`` (5k), then r_max rises linearly
 to ``rmax`` (3) by ``rmax_iters`` (40k) and d_max to ``dmax`` (5) by ``dmax_iters`` (25k).
 ``schedule_scale`` multiplies the three iteration counts (the trainer sets it to fit the run).
@@ -15,10 +17,12 @@ to ``rmax`` (3) by ``rmax_iters`` (40k) and d_max to ``dmax`` (5) by ``dmax_iter
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from bnbench.errors import BnbenchError
 from bnbench.norm.base import BatchNorm2d, grouped_batch_norm
+from bnbench.norm.kernels import Normalization
 
 
 def ramp(t: float, start: float, end: float, final: float, initial: float) -> float:
@@ -70,18 +74,23 @@ class BatchRenorm2d(BatchNorm2d):
         if rmax == 1.0 and dmax == 0.0:
             return super()._train_forward(x)
         self._check_group_size(x, x.shape[0])
-
-        def corrections(mean_b: Tensor, var_b: Tensor) -> tuple[Tensor, Tensor]:
-            std_b = (var_b + self.eps).sqrt()
-            std = (self.running_var.to(var_b.dtype) + self.eps).sqrt()
-            r = (std_b / std).clamp(1.0 / rmax, rmax)
-            d = ((mean_b - self.running_mean.to(var_b.dtype)) / std).clamp(-dmax, dmax)
-            return r, d
-
-        # One group (the whole batch) through GhostBN's kernel, which applies r and d from the
-        # statistics it computes; r and d are constants for autograd there.
+        limits = torch.tensor([rmax, dmax], dtype=torch.float64).to(self.running_var.device)
+        # One group (the whole batch): r and d are constants for autograd in there.
         y, mean, var, counts = grouped_batch_norm(
-            x, self.weight, self.bias, x.shape[0], self.eps, corrections
-        )
+            x, self.weight, self.bias, x.shape[0], self.eps, self._kernels(x), renorm,
+            self.running_mean, self.running_var, limits)
         self._update_population(mean, var, counts)
         return y
+
+
+def renorm(mean: Tensor, var: Tensor, eps: float, running_mean: Tensor, running_var: Tensor,
+           limits: Tensor) -> Normalization:
+    """BRN's ``r = clip(σ_B/σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ)/σ, −d_max, d_max)`` from
+    the batch statistics ``(1, 1, C, 1)`` and the EMA before this batch's update;
+    ``limits = [r_max, d_max]`` (a tensor: the schedules change it every iteration)."""
+    shape, cd = mean.shape, mean.dtype
+    inv_std = torch.rsqrt(running_var.to(cd).view(shape) + eps)
+    rmax, dmax = limits[0].to(cd), limits[1].to(cd)
+    r = torch.clamp(torch.sqrt(var + eps) * inv_std, 1.0 / rmax, rmax)
+    d = torch.clamp((mean - running_mean.to(cd).view(shape)) * inv_std, -dmax, dmax)
+    return Normalization(mean, var, gain=r, offset=d)

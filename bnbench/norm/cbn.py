@@ -25,16 +25,23 @@ Implementation (our choices, exact in exact arithmetic):
   of group ``g`` (shared by the channels of a group: stored once per group), ``∂ν_j/∂W_j =
   (2/M) Σ_p y_j(p)·patch(p)`` is the conv's weight gradient for the output gradient ``2y/M``,
   ``∂μ_j/∂b_j = 1`` and ``∂ν_j/∂b_j = 2μ_j``.
-* Past weights are not stored. ``μ`` is linear and ``ν`` quadratic (homogeneous) in the conv's
-  ``(W, b)``, so by Euler's identity ``⟨∂μ/∂W, W⟩ + b = μ`` and ``⟨∂ν/∂W, W⟩ + 2μb = 2ν`` at the
-  stored iteration, and the compensation of an entry is
+* Past weights are not stored: each entry keeps ``e_ν = ⟨∂ν/∂W, W_{t−τ}⟩ + 2μ_{t−τ} b_{t−τ}``
+  (a number per channel, computed when it is stored), and ``μ`` is linear in ``(W, b)``, so
+  ``⟨∂μ/∂W, W_{t−τ}⟩ + b_{t−τ} = μ_{t−τ}`` (Euler). The compensation of an entry is then
 
-      Δμ = ρ (⟨∂μ/∂W, W_t⟩ + b_t − μ_{t−τ}),   Δν = ρ (⟨∂ν/∂W, W_t⟩ + 2 μ_{t−τ} b_t − 2 ν_{t−τ})
+      Δμ = ρ (⟨∂μ/∂W, W_t⟩ + b_t − μ_{t−τ}),   Δν = ρ (⟨∂ν/∂W, W_t⟩ + 2 μ_{t−τ} b_t − e_ν)
 
   — equal to ``ρ ⟨J, (W_t, b_t) − (W_{t−τ}, b_{t−τ})⟩`` and one batched matrix product over the
-  window (saves ``k−1`` copies of every conv weight and a pass over them per step). In fp32 the
-  subtraction costs a few ulps of ``ν``: ~1e-5 relative on σ² when ``μ²/σ² ≈ 8``, far below the
-  change of the statistics over an iteration.
+  window (saves ``k−1`` copies of every conv weight and a pass over them per step). ``e_ν`` is
+  ``2ν_{t−τ}`` in exact arithmetic; storing it keeps ``Δν`` consistent with the stored ``∂ν/∂W``
+  even when that is rounded (``jacobian_dtype="bfloat16"``). In fp32 the subtraction costs a few
+  ulps of ``ν``: ~1e-5 relative on σ² when ``μ²/σ² ≈ 8``, far below the change of the
+  statistics over an iteration.
+* Cost: ``∂ν/∂W`` is one weight-gradient convolution per layer and iteration (the notes' method;
+  the official code does two extra autograd passes). ``jacobian_dtype="bfloat16"`` runs it with
+  bf16 inputs (fp32 accumulation): about 1.7× faster on CPUs with AVX512-BF16 and on GPUs, with
+  ~0.3 % relative error on ``∂ν/∂W`` and so on ``Δν`` (not on ``ν``); the default
+  (``"float32"``: the statistics' precision, float64 for float64 models) is exact.
 * Statistics are kept as ``(μ, σ² = ν − μ²)`` and averaged in the equivalent form
   ``σ̄² = mean_τ σ²_τ(θ_t)⁺ + mean_τ (μ_τ(θ_t) − μ̄)²`` (no ``ν̄ − μ̄²`` cancellation), where
   ``σ²(θ_t) = σ² + Δν − Δμ (2μ + Δμ)``; ``max(ν, μ²)`` is ``σ²(θ_t)⁺ = max(σ²(θ_t), 0)``.
@@ -62,14 +69,16 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d, check_positive
+from bnbench.norm.base import BatchNorm2d, check_positive, grouped_batch_norm
+from bnbench.norm.kernels import Normalization
 
-CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "window", "burnin", "rho",
-                         "neg_var"})
+CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "kernel", "window", "burnin",
+                         "rho", "neg_var", "jacobian_dtype"})
 NEG_VAR = ("clamp", "drop")
+JACOBIAN_DTYPES = ("float32", "bfloat16")
 
 #: History buffers whose shape depends on the paired conv (allocated by ``pair``).
-_CONV_BUFFERS = ("hist_dmean", "hist_dsq")
+_CONV_BUFFERS = ("hist_dmean", "hist_dsq", "hist_dsq_ref")
 _HISTORY = ("hist_mean", "hist_var", "hist_state", *_CONV_BUFFERS)
 
 
@@ -96,59 +105,25 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-class _WindowBatchNorm(torch.autograd.Function):
-    """BN with statistics pooled over the current batch and constant earlier entries.
-
-    ``x`` ``(N, C, H, W)``; ``past_mean``, ``past_var`` (≥ 0), ``past_keep`` (0/1) ``(L, C)``
-    (constants). With ``n = 1 + Σ keep`` per channel, the window statistics are
+def window_statistics(mean: Tensor, var: Tensor, eps: float, past_mean: Tensor,
+                      past_var: Tensor, past_keep: Tensor) -> Normalization:
+    """The window's statistics from the current batch's ``(mean, var)`` ``(1, 1, C, 1)`` and the
+    earlier entries ``past_mean``, ``past_var`` (≥ 0), ``past_keep`` (0/1) ``(L, C)``
+    (constants). With ``n = 1 + Σ keep`` per channel,
 
         μ̄ = (μ_t + Σ keep·μ_τ) / n,   σ̄² = (σ²_t + (μ_t − μ̄)² + Σ keep·(σ²_τ + (μ_τ − μ̄)²)) / n
 
-    so ``∂μ̄/∂x_i = 1/(nM)``, ``∂σ̄²/∂x_i = 2(x_i − μ̄)/(nM)`` and the backward is BN's with ``M``
-    replaced by ``nM`` and ``x̂ = (x − μ̄) r``, ``r = 1/sqrt(σ̄² + ε)``:
-
-        ∂x = γ r (∂y − Σ∂y / (nM) − x̂ · Σ(∂y x̂) / (nM)),   ∂γ = Σ ∂y x̂,   ∂β = Σ ∂y,
-
-    i.e. ``(1/n)·`` BN's training backward at ``(μ̄, r)`` (weight ``γ/n``) ``+ (1 − 1/n) γ r ∂y``.
-    Native kernels do the passes over ``x``: ``batch_norm_update_stats`` (current statistics, and
-    the EMA update of ``running_mean``/``running_var`` exactly as BN's: unbiased variance), BN
-    inference at ``(μ̄, σ̄²)`` and BN's training backward. Statistics are fp32 for half inputs.
-    Returns ``y`` and the current batch's biased ``(mean, var)`` (``(C,)``, no gradient).
+    so ``∂μ̄/∂x_i = 1/(nM)`` and ``∂σ̄²/∂x_i = 2(x_i − μ̄)/(nM)``: BN's backward at ``(μ̄, σ̄²)``
+    with ``M`` replaced by ``nM`` (``count = n``). ``eps`` is unused (the normalization adds it).
     """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, past_mean: Tensor,
-                past_var: Tensor, past_keep: Tensor, eps: float, running_mean: Tensor,
-                running_var: Tensor, momentum: float):
-        mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
-        cd = mean.dtype
-        past_mean, past_var, past_keep = past_mean.to(cd), past_var.to(cd), past_keep.to(cd)
-        count = 1 + past_keep.sum(0)
-        wmean = (mean + (past_keep * past_mean).sum(0)) / count
-        spread = past_var + (past_mean - wmean).square()
-        wvar = (var + (mean - wmean).square() + (past_keep * spread).sum(0)) / count
-        y = torch.batch_norm(x, weight, bias, wmean, wvar, False, 0.0, eps,
-                             torch.backends.cudnn.enabled)
-        ctx.eps = eps
-        ctx.save_for_backward(x, weight, wmean, torch.rsqrt(wvar + eps), count)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor, _gm: Tensor, _gv: Tensor):
-        x, weight, wmean, invstd, count = ctx.saved_tensors
-        gamma = weight.to(wmean.dtype) if weight is not None else torch.ones_like(wmean)
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                weight is not None and ctx.needs_input_grad[2]]
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, gamma / count, None, None, wmean, invstd, True, ctx.eps, mask)
-        if grad_x is not None:
-            coef = (gamma * invstd * (1 - 1 / count)).to(grad_x.dtype)
-            grad_x = grad_x.addcmul_(grad_y, coef.view((1, -1) + (1,) * (x.dim() - 2)))
-        if weight is not None:
-            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-            grad_b = grad_b.to(weight.dtype) if grad_b is not None else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+    shape, cd = mean.shape, mean.dtype
+    mean, var = mean.view(1, -1), var.view(1, -1)
+    past_mean, past_var, past_keep = past_mean.to(cd), past_var.to(cd), past_keep.to(cd)
+    count = 1 + past_keep.sum(0, keepdim=True)
+    wmean = (mean + (past_keep * past_mean).sum(0, keepdim=True)) / count
+    spread = past_var + (past_mean - wmean).square()
+    wvar = (var + (mean - wmean).square() + (past_keep * spread).sum(0, keepdim=True)) / count
+    return Normalization(wmean.view(shape), wvar.view(shape), count=count.view(shape))
 
 
 class CrossIterationBatchNorm2d(BatchNorm2d):
@@ -163,18 +138,22 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             the Jacobian buffers are only allocated for ``rho != 0``.
         neg_var: ``"clamp"`` (paper: ``max(ν, μ²)`` per entry) or ``"drop"`` (official code: drop
             earlier entries with negative compensated variance, average over those kept).
+        jacobian_dtype: ``"float32"`` (exact; the statistics' precision) or ``"bfloat16"``
+            (faster ∂ν/∂W weight-gradient convolution, ~0.3 % relative error on the compensation).
         eps, momentum, eval_stats, eval_nbs: as :class:`BatchNorm2d` (GhostBN/SyncBN excluded).
 
     Buffers (all in the state dict): ``hist_mean``, ``hist_var`` ``(k−1, C)`` — mean and biased
     variance of the stored iterations; ``hist_state`` ``[count, next slot]`` of the ring; and,
     once paired (``rho != 0``): ``hist_dmean`` ``(k−1, G, C_in/G·kh·kw)`` — ∂μ/∂W per conv
     group; ``hist_dsq`` ``(C, k−1, C_in/G·kh·kw)`` — ∂ν_j/∂W_j, channel-major so that the window's
-    compensation is one batched product. Ring slots ``[0, count)`` are valid (order is irrelevant
+    compensation is one batched product; ``hist_dsq_ref`` ``(k−1, C)`` — ``⟨∂ν/∂W, W⟩ + 2μb`` at
+    the stored weights. Ring slots ``[0, count)`` are valid (order is irrelevant
     to the average).
     """
 
     def __init__(self, num_features: int, *args: Any, window: int = 4, burnin: int = 0,
-                 rho: float = 1.0, neg_var: str = "clamp", **kwargs: Any) -> None:
+                 rho: float = 1.0, neg_var: str = "clamp", jacobian_dtype: str = "float32",
+                 **kwargs: Any) -> None:
         super().__init__(num_features, *args, **kwargs)
         if self.nbs is not None or self.process_group is not None:
             raise BnbenchError("cbn: statistics of the per-process batch; nbs/sync are not "
@@ -192,6 +171,10 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         if neg_var not in NEG_VAR:
             raise BnbenchError(f"cbn.neg_var={neg_var}: choose one of {', '.join(NEG_VAR)}")
         self.neg_var = neg_var
+        if jacobian_dtype not in JACOBIAN_DTYPES:
+            raise BnbenchError(f"cbn.jacobian_dtype={jacobian_dtype}: choose one of "
+                               f"{', '.join(JACOBIAN_DTYPES)}")
+        self.jacobian_dtype = jacobian_dtype
         dev = self.running_mean.device
         hd = torch.float64 if self.running_mean.dtype == torch.float64 else torch.float32
         k1 = self.window - 1
@@ -208,6 +191,8 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
     def extra_repr(self) -> str:
         extra = [f"window={self.window}", f"burnin={self.burnin}", f"rho={self.rho}",
                  f"neg_var={self.neg_var}"]
+        if self.jacobian_dtype != "float32":
+            extra.append(f"jacobian_dtype={self.jacobian_dtype}")
         return ", ".join([super().extra_repr(), *extra])
 
     def _describe(self) -> str:
@@ -239,7 +224,8 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         if not self._needs_jacobians():
             return {name: (0,) for name in _CONV_BUFFERS}
         per_group = conv.weight[0].numel()
-        return {"hist_dmean": (k1, conv.groups, per_group), "hist_dsq": (c, k1, per_group)}
+        return {"hist_dmean": (k1, conv.groups, per_group), "hist_dsq": (c, k1, per_group),
+                "hist_dsq_ref": (k1, c)}
 
     # -- pairing ----------------------------------------------------------------------------------
     def pair(self, conv: nn.Conv2d) -> None:
@@ -293,8 +279,9 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         keys = [prefix + name for name in _HISTORY]
-        if not any(key in state_dict for key in keys):
-            # A checkpoint without history (e.g. of plain BN): start with an empty window.
+        if not all(key in state_dict for key in keys):
+            # A checkpoint without (complete) history, e.g. of plain BN: an empty window.
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
             before = len(missing_keys)
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                           missing_keys, unexpected_keys, error_msgs)
@@ -326,15 +313,14 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         length, pos = self.hist_state.tolist()
         with _no_autocast(x.device):
             with torch.no_grad():
-                past_mean, past_var, past_keep = self._compensated(length, cd)
+                past = self._compensated(length, cd)
             weight, bias = self._affine()
-            running_mean, running_var = self._population()
-            y, mean, var = _WindowBatchNorm.apply(x, weight, bias, past_mean, past_var, past_keep,
-                                                  self.eps, running_mean, running_var,
-                                                  self.momentum)
+            y, mean, var, counts = grouped_batch_norm(
+                x, weight, bias, x.shape[0], self.eps, self._kernels(x), window_statistics,
+                *past)
+            self._update_population(mean, var, counts)  # from the current batch, as BN
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self._push(pos, length, mean, var, conv_input, x, cd)
+                self._push(pos, length, mean[0], var[0], conv_input, x, cd)
         return y
 
     def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -354,7 +340,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             hist = self.hist_dsq[:, :length].to(cd)  # (C, L, P)
             dsq = torch.bmm(w[:, None, :], hist.transpose(1, 2))[:, 0].t()  # (L, C)
             dmean = dmean - mean  # ⟨J, W_t⟩ − ⟨J, W_{t−τ}⟩ (Euler), see the module docstring
-            dsq = dsq - 2 * (var + mean * mean)
+            dsq = dsq - self.hist_dsq_ref[:length].to(cd)
             if b is not None:
                 dmean = dmean + b
                 dsq = dsq + 2 * mean * b
@@ -372,8 +358,13 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         self.hist_var[pos] = var
         if self._needs_jacobians():
             dmean, dsq = self.jacobians(conv_input, y, cd)
+            w, b = self._weights(cd)
+            ref = (dsq * w).sum(1)  # ⟨∂ν_j/∂W_j, W_j⟩ at the weights of this iteration
+            if b is not None:
+                ref = ref + 2 * mean.to(cd) * b
             self.hist_dmean[pos] = dmean
             self.hist_dsq[:, pos] = dsq
+            self.hist_dsq_ref[pos] = ref
         self.hist_state[0] = min(length + 1, k1)
         self.hist_state[1] = (pos + 1) % k1
 
@@ -391,8 +382,9 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             padding = (0, 0)
         x, y = x.to(dtype), y.detach().to(dtype)
         m = y.shape[0] * y.shape[2] * y.shape[3]
+        low = torch.bfloat16 if self.jacobian_dtype == "bfloat16" else dtype
         with _no_autocast(x.device):
-            dsq = _weight_grad(x, y, conv, padding).mul_(2.0 / m)
+            dsq = _weight_grad(x.to(low), y.to(low), conv, padding).to(dtype).mul_(2.0 / m)
             ones = x.new_ones(1, 1, y.shape[2], y.shape[3])
             patch = conv2d_weight(x.sum(0, keepdim=True), (1, *x.shape[1:2], *conv.kernel_size),
                                   ones, conv.stride, padding, conv.dilation, 1)

@@ -97,7 +97,7 @@ from bnbench.norm.base import (
 MODES = ("domain", "shared")
 
 #: Config options of ``norm=domain`` (the registry's ``BN_OPTIONS`` plus the three choices).
-DOMAIN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "num_domains",
+DOMAIN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "kernel", "num_domains",
                             "train_stats", "pop_stats", "affine_mode"})
 
 
@@ -333,11 +333,12 @@ class DomainBatchNorm2d(BatchNorm2d):
             elif x.shape[0] == 0:
                 continue
             elif self.nbs is None or self.nbs >= x.shape[0]:
-                mean, var = batch_moments(x)
+                mean, var = batch_moments(x, self._kernels(x))
                 count = x[0, 0].numel() * x.shape[0]
                 stats = mean[None], var[None], [count]
             else:
-                _, mean, var, counts = grouped_batch_norm(x, None, None, self.nbs, self.eps)
+                _, mean, var, counts = grouped_batch_norm(x, None, None, self.nbs, self.eps,
+                                                          self._kernels(x))
                 stats = mean, var, counts
             with self._selected(i):
                 self._update_population(*stats)

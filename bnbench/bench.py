@@ -67,8 +67,9 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "domain": {"num_domains": 2},
 }
 #: The default variant list (``name`` or ``name:key=value:…``), in table order.
-DEFAULT_VARIANTS = ("bn", "ghost", "ghost:nbs=2", "syncbn", "frozen", "batch_eval", "brn", "gn",
-                    "ln", "in", "cbn", "naive_cbn", "domain")
+DEFAULT_VARIANTS = ("bn", "ghost", "ghost:nbs=2", "ghost:kernel=eager", "syncbn", "frozen",
+                    "batch_eval", "brn", "brn:kernel=eager", "gn", "ln", "in", "cbn",
+                    "cbn:jacobian_dtype=bfloat16", "cbn:kernel=eager", "naive_cbn", "domain")
 #: The issue's targets: (measurement, largest ratio).
 TARGETS: dict[str, tuple[str, float]] = {
     "ghost": ("layer", 1.2),
@@ -83,7 +84,7 @@ NOTES = {
     "domain": "domain 0 of 2",
 }
 
-FULL = {"layer_shapes": [(64, 64, 16, 16), (64, 128, 4, 4)], "model_width": 0.25,
+FULL = {"layer_shapes": [(64, 64, 16, 16), (32, 256, 8, 8), (64, 128, 4, 4)], "model_width": 0.25,
         "model_batch": 64, "image_size": 16, "repeats": 21, "warmup": 5, "min_time": 0.03}
 QUICK = {"layer_shapes": [(16, 16, 8, 8)], "model_width": 0.125, "model_batch": 16,
          "image_size": 8, "repeats": 5, "warmup": 2, "min_time": 0.003}
@@ -154,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of NAME or NAME:key=value[:key=value] (registry names; "
                    f"default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--layer-shape", type=_shape, action="append", default=None, metavar="N,C,H,W",
-                   help="lone-layer input shape; repeat for several (default: 64,64,16,16 and "
-                   "64,128,4,4)")
+                   help="lone-layer input shape; repeat for several (default: 64,64,16,16, "
+                   "32,256,8,8 and 64,128,4,4)")
     p.add_argument("--model-arch", default="resnet18", help="ResNet of the step (resnet18)")
     p.add_argument("--model-width", type=_positive(float), default=None,
                    help="width multiplier (default 0.25: the CPU-scale training run)")

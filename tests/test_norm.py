@@ -49,11 +49,13 @@ def test_bn_matches_functional_forward_backward_and_ema():
     torch.testing.assert_close(layer.running_var, rv)
 
 
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
 @pytest.mark.parametrize("n,nbs", [(8, 2), (8, 4), (9, 4), (6, 1)])
-def test_ghost_equals_separate_bn_calls(n, nbs):
-    """GhostBN with G groups ≡ G separate F.batch_norm calls (outputs, all gradients, EMA)."""
+def test_ghost_equals_separate_bn_calls(n, nbs, kernel):
+    """GhostBN with G groups ≡ G separate F.batch_norm calls (outputs, all gradients, EMA),
+    with the eager and the fused (torch.compile) kernels."""
     hw = (3, 3)
-    layer = _affine(BatchNorm2d(4, momentum=0.1, nbs=nbs).double())
+    layer = _affine(BatchNorm2d(4, momentum=0.1, nbs=nbs, kernel=kernel).double())
     x = _x(n, 4, *hw)
     y, grads = _grads(layer, x, layer)
 
@@ -86,17 +88,21 @@ def test_ghost_equals_separate_bn_calls(n, nbs):
     torch.testing.assert_close(layer.running_var, ema_var)
 
 
-def test_ghost_gradcheck():
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_ghost_gradcheck(kernel):
     layer = _affine(BatchNorm2d(3, nbs=2).double())
     x = _x(6, 3, 2, 2)
+    kernels = norms.kernels.select(kernel, x.device)
+    assert kernels.name == kernel
     assert torch.autograd.gradcheck(
-        lambda t, w, b: norms.base.grouped_batch_norm(t, w, b, 2, 1e-5)[0],
+        lambda t, w, b: norms.base.grouped_batch_norm(t, w, b, 2, 1e-5, kernels)[0],
         (x, layer.weight, layer.bias),
     )
 
 
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
 @pytest.mark.parametrize("offset", [0.0, 30.0, 1000.0])
-def test_float32_statistics_survive_large_means(offset):
+def test_float32_statistics_survive_large_means(offset, kernel):
     """Centered two-pass moments: a mean ≫ std must not destroy the variance in float32.
 
     (One-pass E[x²] − E[x]² in float32 is off by ~8% in the variance at offset 1000; what is
@@ -106,8 +112,9 @@ def test_float32_statistics_survive_large_means(offset):
     x = (torch.randn(16, 8, 8, 8, generator=g, dtype=torch.float64) * 0.5 + offset).float()
     x64 = x.double()  # the reference sees exactly the same (rounded) input
     ref = torch.cat([F.batch_norm(c, None, None, training=True) for c in x64.split(4)])
-    torch.testing.assert_close(BatchNorm2d(8, nbs=4)(x).double(), ref, atol=5e-4, rtol=0)
-    mean, var = norms.base.batch_moments(x)
+    layer = BatchNorm2d(8, nbs=4, kernel=kernel)
+    torch.testing.assert_close(layer(x).double(), ref, atol=5e-4, rtol=0)
+    mean, var = norms.base.batch_moments(x, norms.kernels.select(kernel, x.device))
     torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
     torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=0, atol=1e-6 * (1 + offset))
 
@@ -171,9 +178,11 @@ def test_brn_identity_limits_equal_bn():
     torch.testing.assert_close(brn.running_var, bn.running_var)
 
 
-def test_brn_corrections_closed_form_forward_and_backward():
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_brn_corrections_closed_form_forward_and_backward(kernel):
     """y = γ (r x̂ + d) + β with r, d clipped and detached; gradients by autograd of that."""
-    brn = _affine(BatchRenorm2d(3, warmup_iters=0, rmax_iters=1, dmax_iters=1).double())
+    brn = _affine(BatchRenorm2d(3, warmup_iters=0, rmax_iters=1, dmax_iters=1,
+                                kernel=kernel).double())
     with torch.no_grad():
         brn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1]))
         brn.running_var.copy_(torch.tensor([9.0, 0.1, 4.0]))
@@ -323,3 +332,10 @@ def test_ghost_bf16_input_keeps_dtype_and_fp32_statistics():
     torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=0)  # bf16 output rounding only
     expected_mean = torch.stack([c.mean((0, 2, 3)) for c in x.float().split(2)]).mean(0)
     torch.testing.assert_close(layer.running_mean, 0.1 * expected_mean)
+
+
+def test_kernel_option():
+    assert "kernel" in norms.spec("ghost").options and "kernel" in norms.spec("cbn").options
+    with pytest.raises(BnbenchError, match="norm.kernel=fast: choose one of auto, compiled, eager"):
+        BatchNorm2d(4, nbs=2, kernel="fast")
+    assert norms.kernels.select("eager", torch.device("cpu")).name == "eager"

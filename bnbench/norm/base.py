@@ -105,8 +105,10 @@ class _BatchStatsNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
                 eps: float, kernels: Kernels, transform: Transform | None, *args: Tensor):
         xv = x.view(groups, x.shape[0] // groups, x.shape[1], -1)
-        y, mean, var, *saved = kernels.forward(xv, weight, bias, eps, transform, *args)
-        ctx.save_for_backward(x, weight, *saved)
+        # Plain tensors, not Parameters: torch.compile keeps Parameter shapes static.
+        w, b = (None if t is None else t.detach() for t in (weight, bias))
+        y, mean, var, *saved = kernels.forward(xv, w, b, eps, transform, *args)
+        ctx.save_for_backward(x, w, *saved)
         ctx.kernels, ctx.groups, ctx.n_args = kernels, groups, len(args)
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
@@ -401,7 +403,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         self.num_batches_tracked.add_(1)
 
     def _check_group_size(self, x: Tensor, samples: int) -> None:
-        count = samples * x[0, 0].numel() if x.shape[0] else 0
+        count = samples * math.prod(x.shape[2:]) if x.shape[0] else 0
         if count <= 1 and x.shape[0] > 0:
             raise BnbenchError(self._one_value_message(count))
 

@@ -314,6 +314,9 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         with _no_autocast(x.device):
             with torch.no_grad():
                 past = self._compensated(length, cd)
+                if length < self.window - 1:  # fixed (k−1, C) shapes: empty slots not kept
+                    pad = past[0].new_zeros(self.window - 1 - length, self.num_features)
+                    past = tuple(torch.cat([t, pad]) for t in past)
             weight, bias = self._affine()
             y, mean, var, counts = grouped_batch_norm(
                 x, weight, bias, x.shape[0], self.eps, self._kernels(x), window_statistics,

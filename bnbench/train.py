@@ -189,18 +189,42 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint(self) -> None:
-        if self.ckpt_path is None or self.rank != 0 or not self.cfg.trainer.checkpoint:
+        """Rank 0 writes ``last.pt``; with several processes every rank first writes its own
+        buffers (CBN's window history and the EMA are per rank) and RNG state to
+        ``last.rank{r}.it{iteration}.pt``, so a resume continues each rank exactly."""
+        if not self.cfg.trainer.checkpoint:
             return
-        ckpt.save_atomic(
-            {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "state": vars(self.state),
-                "rng": ckpt.rng_state(),
-                "config": OmegaConf.to_container(self.cfg),
-            },
-            self.ckpt_path,
-        )
+        sharded = self.world > 1
+        folder = D.broadcast_object(str(self.ckpt_path.parent) if self.ckpt_path else None)
+        if folder is None:
+            return
+        shard = self._shard_path(Path(folder), self.rank, self.state.iteration)
+        if sharded:
+            names = {name for name, _ in self.model.named_buffers()}
+            buffers = {k: v for k, v in self.model.state_dict().items() if k in names}
+            ckpt.save_atomic({"iteration": self.state.iteration, "buffers": buffers,
+                              "rng": ckpt.rng_state()}, shard)
+            D.dist.barrier()  # every shard on disk before last.pt points at this iteration
+        if self.rank == 0:
+            ckpt.save_atomic(
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "state": vars(self.state),
+                    "rng": ckpt.rng_state(),
+                    "config": OmegaConf.to_container(self.cfg),
+                },
+                self.ckpt_path,
+            )
+        if sharded:
+            D.dist.barrier()  # last.pt is at this iteration: older shards can go
+            for old in Path(folder).glob(f"last.rank{self.rank}.it*.pt"):
+                if old != shard:
+                    old.unlink(missing_ok=True)
+
+    @staticmethod
+    def _shard_path(folder: Path, rank: int, iteration: int) -> Path:
+        return folder / f"last.rank{rank}.it{iteration}.pt"
 
     def _resume(self) -> None:
         path = D.broadcast_object(str(self.ckpt_path) if self.ckpt_path else None)
@@ -215,6 +239,15 @@ class Trainer:
         self.optimizer.load_state_dict(data["optimizer"])
         self.state = State(**data["state"])
         ckpt.set_rng_state(data["rng"])
+        if self.world > 1:
+            shard = self._shard_path(Path(path).parent, self.rank, self.state.iteration)
+            if shard.exists():
+                own = ckpt.load(shard, self.device)
+                self.model.load_state_dict(own["buffers"], strict=False)
+                ckpt.set_rng_state(own["rng"])
+            else:
+                log.warning("rank %d: no %s; continuing from rank 0's buffers", self.rank,
+                            shard.name)
         log.info("resumed from %s at epoch %d", path, self.state.epoch)
 
     # -- one epoch ----------------------------------------------------------------------------

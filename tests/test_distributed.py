@@ -519,6 +519,36 @@ def test_killed_two_rank_run_resumes_exactly(bn_two_ranks, tmp_path, cache):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_killed_two_rank_cbn_run_resumes_each_ranks_history(tmp_path, cache):
+    """CBN's window history differs per rank: each rank's checkpoint shard brings back its own
+    (resuming every rank from rank 0's history would change rank 1's normalization)."""
+    args = ["train", *TINY, f"trainer.batch_size={B}", "trainer.epochs=3", "+norm=cbn",
+            "norm.burnin_epochs=0.5", "norm.kernel=eager", "hydra.run.dir=run"]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    _ok(bnbench(*args, cwd=ref, cache=cache, torchrun=2))
+    proc = bnbench(*args, cwd=tmp_path, cache=cache, torchrun=2, popen=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    _kill_tree(proc.pid)
+    proc.wait(timeout=30)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["state"]["epoch"] < 3
+    it = state["state"]["iteration"]
+    shards = [torch.load(ckpt.with_name(f"last.rank{r}.it{it}.pt"), weights_only=False)
+              for r in (0, 1)]
+    key = "layer1.0.bn1.hist_mean"
+    assert not torch.equal(shards[0]["buffers"][key], shards[1]["buffers"][key])  # per rank
+    resumed = bnbench(*args, "trainer.resume=true", cwd=tmp_path, cache=cache, torchrun=2)
+    _ok(resumed)
+    wa, wb = _weights(ref / "run"), _weights(tmp_path / "run")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(p.name for p in ckpt.parent.glob("last.rank*.pt")) == [
+        f"last.rank{r}.it{_summary(tmp_path / 'run')['iterations']}.pt" for r in (0, 1)]
+
+
 def test_failing_rank_ends_the_torchrun_job(tmp_path, cache):
     start = time.time()
     out = bnbench(

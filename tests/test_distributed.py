@@ -497,16 +497,22 @@ def _kill_tree(pid: int) -> None:
 
 
 @pytest.mark.slow
-def test_killed_two_rank_run_resumes_exactly(bn_two_ranks, tmp_path, cache):
-    ref, _ = bn_two_ranks
-    args = ["train", *TINY, f"trainer.batch_size={B}", "trainer.epochs=3", "hydra.run.dir=run"]
-    proc = bnbench(*args, cwd=tmp_path, cache=cache, torchrun=2, popen=True)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+def _kill_after_first_checkpoint(args: list[str], cwd: Path, cache) -> Path:
+    """Start a 2-rank run in ``cwd``, SIGKILL its process tree once ``last.pt`` exists."""
+    proc = bnbench(*args, cwd=cwd, cache=cache, torchrun=2, popen=True)
+    ckpt = cwd / "run" / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     _kill_tree(proc.pid)
     proc.wait(timeout=30)
+    return ckpt
+
+
+def test_killed_two_rank_run_resumes_exactly(bn_two_ranks, tmp_path, cache):
+    ref, _ = bn_two_ranks
+    args = ["train", *TINY, f"trainer.batch_size={B}", "trainer.epochs=3", "hydra.run.dir=run"]
+    ckpt = _kill_after_first_checkpoint(args, tmp_path, cache)
     assert ckpt.exists(), "no checkpoint before the kill"
     assert torch.load(ckpt, weights_only=False)["state"]["epoch"] < 3  # killed mid-run
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -527,13 +533,7 @@ def test_killed_two_rank_cbn_run_resumes_each_ranks_history(tmp_path, cache):
     ref = tmp_path / "ref"
     ref.mkdir()
     _ok(bnbench(*args, cwd=ref, cache=cache, torchrun=2))
-    proc = bnbench(*args, cwd=tmp_path, cache=cache, torchrun=2, popen=True)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    _kill_tree(proc.pid)
-    proc.wait(timeout=30)
+    ckpt = _kill_after_first_checkpoint(args, tmp_path, cache)
     state = torch.load(ckpt, weights_only=False)
     assert state["state"]["epoch"] < 3
     it = state["state"]["iteration"]

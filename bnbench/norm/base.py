@@ -169,6 +169,25 @@ def grouped_batch_norm(
     return y.to(dtype), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]), counts
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """``Σ_r t_r`` on every rank of ``group``; backward: each rank's output is the global sum,
+    so the gradient of ``t_r`` is the sum of every rank's output gradient (again an
+    all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        out = t.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, int]:
     """Mean and biased variance over the batches of all processes in ``group`` (SyncBN).
 
@@ -177,8 +196,6 @@ def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, i
     float64; one differentiable all-reduce sums them, so gradients reach every process's input
     (as in ``torch.nn.SyncBatchNorm``) and unequal or empty batches are weighted by count.
     """
-    from torch.distributed.nn.functional import all_reduce
-
     n, c = x.shape[0], x.shape[1]
     length = math.prod(x.shape[2:])  # not -1: an empty batch (n = 0) must reshape too
     xv = (x if x.dtype in (torch.float32, torch.float64) else x.float()).reshape(1, n, c, length)
@@ -190,7 +207,7 @@ def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, i
         s2 = count * (var_r + mean_r**2)
     else:  # an empty rank still joins the all-reduce (and keeps the graph connected)
         s1 = s2 = xv.sum(dim=(0, 1, 3), dtype=torch.float64)
-    packed = all_reduce(torch.cat([s1, s2, s1.new_full((1,), count)]), group=group)
+    packed = _SumOverRanks.apply(torch.cat([s1, s2, s1.new_full((1,), count)]), group)
     total = int(packed[-1].item())
     if total == 0:
         raise BnbenchError("syncbn: every process in the group has an empty batch")

@@ -13,8 +13,11 @@ functions, written once in plain tensor ops:
 
 ``kernel="eager"`` runs them as PyTorch ops (several passes each, and a temporary per op);
 ``"compiled"`` runs them through ``torch.compile`` (Inductor fuses each into one or two loops over
-the data: on CPU 2–5× faster than ``torch.nn.BatchNorm2d``'s kernels on small feature maps, after
-a one-off compile of a few seconds per process, cached on disk by PyTorch); ``"auto"`` (default)
+the data; on the 2-core CPU here the fused forward+backward passes took 2–5× less time than
+``torch.nn.BatchNorm2d``'s CPU kernels on 0.5–16 MB activations, plus ~30 µs of dispatch per
+call, after a one-off compile of a few seconds per process, cached on disk by PyTorch; the
+functions are compiled with dynamic shapes and Parameters passed detached, so one compile serves
+all layer sizes up to a few specializations); ``"auto"`` (default)
 is ``"compiled"`` where ``torch.compile`` works on the device (probed once; a warning and eager
 otherwise) and eager inside a model that is itself being compiled. Both run the same code, so
 they agree to rounding (tested).

@@ -339,3 +339,23 @@ def test_kernel_option():
     with pytest.raises(BnbenchError, match="norm.kernel=fast: choose one of auto, compiled, eager"):
         BatchNorm2d(4, nbs=2, kernel="fast")
     assert norms.kernels.select("eager", torch.device("cpu")).name == "eager"
+
+
+def test_auto_kernel_falls_back_to_eager_when_compile_fails(monkeypatch):
+    kernels = norms.kernels
+
+    def broken(_x):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "_compiled", lambda: kernels.Kernels("compiled", broken,
+                                                                       broken, broken))
+    kernels._compile_works.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="torch.compile is not usable on cpu.*no C"):
+            assert kernels.select("auto", torch.device("cpu")) is kernels.EAGER
+        layer = BatchNorm2d(3, nbs=2)  # still trains, eagerly
+        x = torch.randn(4, 3, 2, 2)
+        ref = torch.cat([F.batch_norm(c, None, None, training=True) for c in x.split(2)])
+        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    finally:
+        kernels._compile_works.cache_clear()

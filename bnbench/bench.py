@@ -557,6 +557,7 @@ def run_bench(args: argparse.Namespace, variants: list[Variant], device: torch.d
     wants_sync = any(v.name == "syncbn" for v in variants)
     with single_process_group(wants_sync) as sync_note:
         for i, variant in enumerate(variants, 1):
+            torch._dynamo.reset()  # each variant compiles its fused kernels afresh (in warmup)
             row: dict[str, Any] = {"variant": variant.label, "name": variant.name,
                                    "options": variant.options, "layers": [], "step": None,
                                    "notes": []}

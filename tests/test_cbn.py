@@ -483,6 +483,12 @@ def test_load_before_pairing_and_from_plain_bn():
     assert torch.equal(unpaired.hist_dsq, layer.hist_dsq)
     unpaired.pair(conv)  # same shape: the history is kept
     assert unpaired.history_length() == 2
+    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("hist_dsq_ref")}
+    older = CrossIterationBatchNorm2d(4, window=3).to(D)
+    older.pair(conv)
+    older.load_state_dict(old)  # a checkpoint from before hist_dsq_ref: rebuilt as 2ν (Euler)
+    assert older.history_length() == 2
+    torch.testing.assert_close(older.hist_dsq_ref, layer.hist_dsq_ref)
     plain = nn.BatchNorm2d(4).to(D)
     layer.load_state_dict(plain.state_dict())  # a BN checkpoint: empty window, strict is fine
     assert layer.history_length() == 0

@@ -496,7 +496,6 @@ def _kill_tree(pid: int) -> None:
             os.killpg(p, signal.SIGKILL)
 
 
-@pytest.mark.slow
 def _kill_after_first_checkpoint(args: list[str], cwd: Path, cache) -> Path:
     """Start a 2-rank run in ``cwd``, SIGKILL its process tree once ``last.pt`` exists."""
     proc = bnbench(*args, cwd=cwd, cache=cache, torchrun=2, popen=True)
@@ -509,6 +508,7 @@ def _kill_after_first_checkpoint(args: list[str], cwd: Path, cache) -> Path:
     return ckpt
 
 
+@pytest.mark.slow
 def test_killed_two_rank_run_resumes_exactly(bn_two_ranks, tmp_path, cache):
     ref, _ = bn_two_ranks
     args = ["train", *TINY, f"trainer.batch_size={B}", "trainer.epochs=3", "hydra.run.dir=run"]
@@ -525,6 +525,7 @@ def test_killed_two_rank_run_resumes_exactly(bn_two_ranks, tmp_path, cache):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_killed_two_rank_cbn_run_resumes_each_ranks_history(tmp_path, cache):
     """CBN's window history differs per rank: each rank's checkpoint shard brings back its own
     (resuming every rank from rank 0's history would change rank 1's normalization)."""

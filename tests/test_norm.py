@@ -359,3 +359,15 @@ def test_auto_kernel_falls_back_to_eager_when_compile_fails(monkeypatch):
         torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
     finally:
         kernels._compile_works.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_group_statistics_carry_no_gradient_and_no_double_backward(kernel):
+    x = _x(4, 3, 2, 2)
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    kernels = norms.kernels.select(kernel, x.device)
+    y, mean, var, _ = norms.base.grouped_batch_norm(x, w, None, 2, 1e-5, kernels)
+    assert not mean.requires_grad and not var.requires_grad
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        g.sum().backward()

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from bnbench.errors import BnbenchError
 from bnbench.norm.kernels import EAGER, Kernels, Transform, check_kernel, select
@@ -110,13 +111,15 @@ class _BatchStatsNorm(torch.autograd.Function):
         y, mean, var, *saved = kernels.forward(xv, w, b, eps, transform, *args)
         ctx.save_for_backward(x, w, *saved)
         ctx.kernels, ctx.groups, ctx.n_args = kernels, groups, len(args)
-        ctx.mark_non_differentiable(mean, var)
+        mean, var = mean.view(groups, -1), var.view(groups, -1)
+        ctx.mark_non_differentiable(mean, var)  # the returned tensors themselves
         ctx.set_materialize_grads(False)
         # y in the (G, n, C, L) layout: a view made in here could not be modified in place
         # (inplace ReLU after BN); grouped_batch_norm views it as x outside the Function.
-        return y, mean.view(groups, -1), var.view(groups, -1)
+        return y, mean, var
 
     @staticmethod
+    @once_differentiable  # the backward uses forward constants: no double backward
     def backward(ctx, grad_y: Tensor | None, _gm: Tensor | None, _gv: Tensor | None):
         nones = (None,) * (4 + ctx.n_args)  # groups, eps, kernels, transform, *args
         if grad_y is None:

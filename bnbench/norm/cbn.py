@@ -279,6 +279,13 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         keys = [prefix + name for name in _HISTORY]
+        ref = prefix + "hist_dsq_ref"
+        if ref not in state_dict and prefix + "hist_dsq" in state_dict:
+            # bnbench ≤ 0.1 checkpoints: ⟨∂ν/∂W, W⟩ + 2μb = 2ν at the stored weights (Euler)
+            state_dict = dict(state_dict)
+            mean, var = state_dict[prefix + "hist_mean"], state_dict[prefix + "hist_var"]
+            state_dict[ref] = (2 * (var + mean * mean) if state_dict[prefix + "hist_dsq"].numel()
+                               else mean.new_zeros(0))
         if not all(key in state_dict for key in keys):
             # A checkpoint without (complete) history, e.g. of plain BN: an empty window.
             state_dict = {k: v for k, v in state_dict.items() if k not in keys}

@@ -34,9 +34,9 @@ def _one_thread():
 
 
 def _pair(cin=3, cout=4, k=3, stride=1, padding=1, *, bias=False, groups=1, padding_mode="zeros",
-          dtype=D, seed=0, **options):
+          dilation=1, dtype=D, seed=0, **options):
     torch.manual_seed(seed)
-    conv = nn.Conv2d(cin, cout, k, stride, padding, bias=bias, groups=groups,
+    conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=bias, groups=groups,
                      padding_mode=padding_mode).to(dtype)
     layer = CrossIterationBatchNorm2d(cout, **options).to(dtype)
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_naive_cbn_is_the_plain_window_average(mode):
         expect.backward(g)
         torch.testing.assert_close(y.grad, y_ref.grad)
         entries.append(tuple(t.detach() for t in _moments(y)))
-    assert layer.hist_dsq.numel() == 0  # no Jacobians are kept for rho = 0
+    assert layer.hist_dvar.numel() == 0  # no Jacobians are kept for rho = 0
 
 
 # -- Jacobians ------------------------------------------------------------------------------------
@@ -208,22 +208,38 @@ def test_naive_cbn_is_the_plain_window_average(mode):
     dict(cin=4, cout=6, k=3, stride=1, padding=2, bias=True, groups=2),
     dict(cin=2, cout=3, k=(3, 2), stride=(1, 2), padding=1, padding_mode="reflect"),
     dict(cin=256, cout=2, k=3, stride=1, padding=1),  # CPU: the unfold + GEMM path
+    dict(cin=3, cout=4, k=3, stride=1, padding=2, dilation=2, bias=True),
+    dict(cin=3, cout=4, k=2, stride=1, padding="same"),  # even kernel: asymmetric padding
+    dict(cin=4, cout=4, k=3, stride=1, padding=1, groups=4),  # depthwise
+    dict(cin=2, cout=3, k=3, stride=2, padding=1, padding_mode="replicate"),
+    dict(cin=2, cout=3, k=3, stride=1, padding=1, padding_mode="circular"),
 ])
 def test_analytic_jacobians_equal_autograd(spec):
     conv, layer = _pair(**spec)
     x = torch.randn(3, spec["cin"], 7, 6, dtype=D)
     y = conv(x)
-    dmean, dsq = layer.jacobians(x, y, D)
+    dmean, dvar = layer.jacobians(x, y, D)
     f = _conv_fn(conv, x)
-    jac_mu, jac_nu = torch.autograd.functional.jacobian(lambda w: _moments(f(w, conv.bias)),
-                                                        conv.weight.detach())
+
+    def moments(w):
+        z = f(w, conv.bias)
+        return z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
+
+    jac_mu, jac_var = torch.autograd.functional.jacobian(moments, conv.weight.detach())
     c, groups = conv.out_channels, conv.groups
-    jac_mu, jac_nu = jac_mu.reshape(c, c, -1), jac_nu.reshape(c, c, -1)
+    jac_mu, jac_var = jac_mu.reshape(c, c, -1), jac_var.reshape(c, c, -1)
     for j in range(c):
         torch.testing.assert_close(jac_mu[j, j], dmean[j // (c // groups)])
-        torch.testing.assert_close(jac_nu[j, j], dsq[j])
+        torch.testing.assert_close(jac_var[j, j], dvar[j])
     off = ~torch.eye(c, dtype=torch.bool)
-    assert jac_mu[off].abs().max() == 0 and jac_nu[off].abs().max() == 0  # row j ↔ W_j only
+    assert jac_mu[off].abs().max() == 0 and jac_var[off].abs().max() == 0  # row j ↔ W_j only
+    # the layer stores e_μ = ⟨∂μ/∂W, W⟩ + b = μ and e_σ = ⟨∂σ²/∂W, W⟩ = 2σ² (Euler)
+    with torch.no_grad():
+        layer(y)
+        layer(conv(x))
+    mu, var = moments(conv.weight.detach())
+    torch.testing.assert_close(layer.hist_dmean_ref[0], mu.detach())
+    torch.testing.assert_close(layer.hist_dvar_ref[0], 2 * var.detach())
 
 
 # -- Taylor compensation --------------------------------------------------------------------------
@@ -462,7 +478,7 @@ def test_state_dict_round_trip_continues_bit_identically():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     _train(model, opt, 4, seed=1)
     state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    assert state["layer1.0.bn1.hist_dsq"].abs().sum() > 0
+    assert state["layer1.0.bn1.hist_dvar"].abs().sum() > 0
     assert int(state["layer1.0.bn1.hist_state"][0]) == 2
     fresh = _small_resnet(7, window=3, burnin=1)
     fresh.load_state_dict(state)
@@ -480,18 +496,37 @@ def test_load_before_pairing_and_from_plain_bn():
         layer(conv(torch.randn(2, 3, 4, 4, dtype=D)))
     unpaired = CrossIterationBatchNorm2d(4, window=3).to(D)
     unpaired.load_state_dict(layer.state_dict())  # Jacobian buffers take the stored shapes
-    assert torch.equal(unpaired.hist_dsq, layer.hist_dsq)
+    assert torch.equal(unpaired.hist_dvar, layer.hist_dvar)
     unpaired.pair(conv)  # same shape: the history is kept
     assert unpaired.history_length() == 2
-    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("hist_dsq_ref")}
-    older = CrossIterationBatchNorm2d(4, window=3).to(D)
-    older.pair(conv)
-    older.load_state_dict(old)  # a checkpoint from before hist_dsq_ref: rebuilt as 2ν (Euler)
-    assert older.history_length() == 2
-    torch.testing.assert_close(older.hist_dsq_ref, layer.hist_dsq_ref)
     plain = nn.BatchNorm2d(4).to(D)
     layer.load_state_dict(plain.state_dict())  # a BN checkpoint: empty window, strict is fine
     assert layer.history_length() == 0
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+def test_load_bnbench_0_1_second_moment_checkpoint(with_ref):
+    """Checkpoints that stored ∂ν/∂W (``hist_dsq``; older ones without ``hist_dsq_ref``) load
+    into the centred layout: ∂σ²/∂W = ∂ν/∂W − 2μ ∂μ/∂W, e_μ = μ, e_σ = 2σ²."""
+    conv, layer = _pair(cin=4, cout=6, groups=2, bias=True, window=3)
+    for _ in range(3):
+        layer(conv(torch.randn(2, 4, 5, 5, dtype=D)))
+    new = layer.state_dict()
+    mean, var, dmean = new["hist_mean"], new["hist_var"], new["hist_dmean"]  # (2, 6), (2, 2, P)
+    per_channel = dmean.repeat_interleave(3, dim=1).transpose(0, 1)  # (6, 2, P)
+    old = {k: v for k, v in new.items()
+           if k not in ("hist_dmean_ref", "hist_dvar", "hist_dvar_ref")}
+    old["hist_dsq"] = new["hist_dvar"] + 2 * mean.t()[:, :, None] * per_channel  # ∂ν/∂W
+    if with_ref:
+        old["hist_dsq_ref"] = 2 * (var + mean * mean)
+    loaded = CrossIterationBatchNorm2d(6, window=3).to(D)
+    loaded.load_state_dict(old)
+    loaded.pair(conv)
+    assert loaded.history_length() == 2
+    for name in ("hist_dvar", "hist_dmean_ref", "hist_dvar_ref"):
+        torch.testing.assert_close(getattr(loaded, name), new[name])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded._compensated(2, D), layer._compensated(2, D))
 
 
 def test_deepcopy_keeps_pairs_within_the_copy():
@@ -522,5 +557,61 @@ def test_autocast_bf16_step():
         out.float().sum().backward()
         opt.step()
     bn = model.layer1[0].bn1
-    assert bn.hist_dsq.dtype == torch.float32 and torch.isfinite(bn.hist_dsq).all()
+    assert bn.hist_dvar.dtype == torch.float32 and torch.isfinite(bn.hist_dvar).all()
     assert torch.isfinite(bn.running_var).all() and bn.history_length() == 1
+
+
+def test_float32_compensation_survives_large_means():
+    """|μ| ≫ σ (same-sign filters on positive inputs, μ²/σ² ~ 10³–10⁴): the compensated σ² in
+    float32 stays close to the float64 first-order Taylor value — well below the change of σ²
+    over the step (compensating through ∂ν/∂W would cancel ``μ²`` and miss it by more)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 16, 3, bias=False)
+    layer = CrossIterationBatchNorm2d(16, window=2, kernel="eager")
+    layer.pair(conv)
+    x = torch.rand(4, 32, 8, 8) + 10.0
+    with torch.no_grad():
+        conv.weight.abs_()
+        y = conv(x)
+        layer(y)
+        mu, var = y.double().mean((0, 2, 3)), y.double().var((0, 2, 3), unbiased=False)
+        assert (mu * mu / var).max() > 1e3
+        w_old = conv.weight.detach().clone()
+        conv.weight.add_(1e-3 * w_old.abs().mean() * torch.randn_like(w_old))
+        _, var_c, _ = layer._compensated(1, torch.float32)
+        xd, w0, w1 = x.double(), w_old.double(), conv.weight.double()
+        reference = _taylor(conv.double(), xd, w0, None, w1, None)
+        ref_var = reference[1] - reference[0] ** 2
+        true_var = F.conv2d(xd, w1).var((0, 2, 3), unbiased=False)
+    error = ((var_c[0].double() - ref_var) / ref_var).abs().max()
+    change = ((true_var - var) / var).abs().max()
+    assert error < 0.1 * change
+
+
+def test_autocast_unchanged_weights_give_back_the_stored_statistics():
+    """Under bf16 autocast the conv runs with rounded weights; with the weights unchanged the
+    stored entry must come back as stored (compensation 0, not the rounding of W)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=True)
+    layer = CrossIterationBatchNorm2d(16, window=2, kernel="eager")
+    layer.pair(conv)
+    x = torch.relu(torch.randn(4, 16, 8, 8))
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            layer(conv(x))
+            conv(x)  # the paired conv ran under autocast: the next CBN forward compensates
+        mean, var, _ = layer._compensated(1, torch.float32)  # (as it does, autocast off)
+    sigma = layer.hist_var[0].sqrt()
+    torch.testing.assert_close(mean[0] / sigma, layer.hist_mean[0] / sigma, rtol=0, atol=1e-5)
+    torch.testing.assert_close(var[0], layer.hist_var[0], rtol=1e-5, atol=0)
+
+
+def test_half_precision_model_keeps_a_float32_history():
+    conv, layer = _pair(window=3, dtype=torch.float32)
+    for _ in range(3):
+        layer(conv(torch.randn(2, 3, 5, 5)))
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("hist_")}
+    layer.to(torch.bfloat16)
+    for name, value in before.items():
+        assert torch.equal(getattr(layer, name), value), name
+    assert layer.running_var.dtype == torch.bfloat16  # the rest is cast as PyTorch casts BN

@@ -25,34 +25,46 @@ Implementation (our choices, exact in exact arithmetic):
   of group ``g`` (shared by the channels of a group: stored once per group), ``∂ν_j/∂W_j =
   (2/M) Σ_p y_j(p)·patch(p)`` is the conv's weight gradient for the output gradient ``2y/M``,
   ``∂μ_j/∂b_j = 1`` and ``∂ν_j/∂b_j = 2μ_j``.
-* Past weights are not stored: each entry keeps ``e_ν = ⟨∂ν/∂W, W_{t−τ}⟩ + 2μ_{t−τ} b_{t−τ}``
-  (a number per channel, computed when it is stored), and ``μ`` is linear in ``(W, b)``, so
-  ``⟨∂μ/∂W, W_{t−τ}⟩ + b_{t−τ} = μ_{t−τ}`` (Euler). The compensation of an entry is then
+* The variance is compensated through its own Jacobian ``∂σ²/∂W = ∂ν/∂W − 2μ ∂μ/∂W =
+  (2/M) Σ_p (y(p) − μ)·patch(p)`` (the weight gradient for ``2(y − μ)/M``): with
+  ``Δμ = ⟨∂μ/∂W, ΔW⟩ + Δb``, the paper's ``ν(θ_t) − μ(θ_t)²`` is exactly
 
-      Δμ = ρ (⟨∂μ/∂W, W_t⟩ + b_t − μ_{t−τ}),   Δν = ρ (⟨∂ν/∂W, W_t⟩ + 2 μ_{t−τ} b_t − e_ν)
+      σ²(θ_t) = σ² + ρ ⟨∂σ²/∂W, ΔW⟩ − (ρ Δμ)²        (the bias drops out: ∂σ²/∂b = 0)
 
-  — equal to ``ρ ⟨J, (W_t, b_t) − (W_{t−τ}, b_{t−τ})⟩`` and one batched matrix product over the
-  window (saves ``k−1`` copies of every conv weight and a pass over them per step). ``e_ν`` is
-  ``2ν_{t−τ}`` in exact arithmetic; storing it keeps ``Δν`` consistent with the stored ``∂ν/∂W``
-  even when that is rounded (``jacobian_dtype="bfloat16"``). In fp32 the subtraction costs a few
-  ulps of ``ν``: ~1e-5 relative on σ² when ``μ²/σ² ≈ 8``, far below the change of the
-  statistics over an iteration.
-* Cost: ``∂ν/∂W`` is one weight-gradient convolution per layer and iteration (the notes' method;
-  the official code does two extra autograd passes). ``jacobian_dtype="bfloat16"`` runs it with
-  bf16 inputs (fp32 accumulation): about 1.7× faster on CPUs with AVX512-BF16 and on GPUs, with
-  ~0.3 % relative error on ``∂ν/∂W`` and so on ``Δν`` (not on ``ν``); the default
+  — the same first-order expansion, but the terms are of the size of σ², not of ν = σ² + μ²,
+  so nothing cancels in fp32 when ``|μ| ≫ σ`` (with ∂ν/∂W the error on σ² grows as
+  ``ulp·μ²/σ²``: above the change over an iteration once ``μ²/σ² ≈ 600``).
+* Past weights are not stored: each entry keeps ``e_μ = ⟨∂μ/∂W, W_{t−τ}⟩ + b_{t−τ}`` and
+  ``e_σ = ⟨∂σ²/∂W, W_{t−τ}⟩`` (numbers per channel, computed when it is stored), so
+
+      Δμ = ⟨∂μ/∂W, W_t⟩ + b_t − e_μ,   ⟨∂σ²/∂W, ΔW⟩ = ⟨∂σ²/∂W, W_t⟩ − e_σ
+
+  — one batched matrix product over the window (saves ``k−1`` copies of every conv weight and a
+  pass over them per step). In exact arithmetic ``e_μ = μ_{t−τ}`` and ``e_σ = 2σ²_{t−τ}``
+  (Euler); storing them keeps the differences consistent with the stored Jacobians when those
+  are rounded (``jacobian_dtype="bfloat16"``) and when the conv ran under autocast (its weights
+  then are the bf16/fp16-rounded ones, used both when storing and when compensating).
+* Cost: ``∂σ²/∂W`` is one weight-gradient convolution per layer and iteration (the notes'
+  method; the official code does two extra autograd passes). ``jacobian_dtype="bfloat16"`` runs
+  it with bf16 inputs (fp32 accumulation): about 1.7× faster on CPUs with AVX512-BF16 and on
+  GPUs, with ~0.3 % relative error on ``∂σ²/∂W`` and so on its term (not on ``σ²``); the default
   (``"float32"``: the statistics' precision, float64 for float64 models) is exact.
 * Statistics are kept as ``(μ, σ² = ν − μ²)`` and averaged in the equivalent form
-  ``σ̄² = mean_τ σ²_τ(θ_t)⁺ + mean_τ (μ_τ(θ_t) − μ̄)²`` (no ``ν̄ − μ̄²`` cancellation), where
-  ``σ²(θ_t) = σ² + Δν − Δμ (2μ + Δμ)``; ``max(ν, μ²)`` is ``σ²(θ_t)⁺ = max(σ²(θ_t), 0)``.
+  ``σ̄² = mean_τ σ²_τ(θ_t)⁺ + mean_τ (μ_τ(θ_t) − μ̄)²`` (no ``ν̄ − μ̄²`` cancellation);
+  ``max(ν, μ²)`` is ``σ²(θ_t)⁺ = max(σ²(θ_t), 0)``.
 * ``neg_var="drop"`` (the official code) leaves out the earlier ``(iteration, channel)`` entries
   whose compensated ``ν − μ²`` is negative and divides by the count kept. The current iteration's
   variance is non-negative by construction and is always kept, so the count is at least one (an
   all-dropped channel falls back to the current statistics).
 * The history (the last ``k−1`` iterations) lives in buffers, so it is in the state dict and
-  survives checkpoint/resume. Statistics are computed in fp32 (fp64 for fp64 models), also under
-  autocast. The EMA population statistics are updated from the current batch only, as in BN
-  (unbiased variance); ``num_batches_tracked`` is also the iteration count of the burn-in.
+  survives checkpoint/resume. Statistics and history are fp32 (fp64 for fp64 models), also under
+  autocast and after ``model.half()``/``.to(torch.bfloat16)`` (the history buffers stay fp32).
+  The EMA population statistics are updated from the current batch only, as in BN (unbiased
+  variance); ``num_batches_tracked`` is also the iteration count of the burn-in (``convert``
+  copies it from the BN it replaces: a converted trained model skips the burn-in).
+
+Not supported: activation checkpointing (``torch.utils.checkpoint``) of a CBN layer: the rerun of
+the forward would store a second entry and normalize with another window.
 
 Not the official code's quirks: ε on the std, unbiased variance in the normalization, γ ~ U(0, 1),
 history in Python lists, two extra autograd passes per layer.
@@ -61,6 +73,7 @@ history in Python lists, two extra autograd passes per layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -78,21 +91,24 @@ NEG_VAR = ("clamp", "drop")
 JACOBIAN_DTYPES = ("float32", "bfloat16")
 
 #: History buffers whose shape depends on the paired conv (allocated by ``pair``).
-_CONV_BUFFERS = ("hist_dmean", "hist_dsq", "hist_dsq_ref")
+_CONV_BUFFERS = ("hist_dmean", "hist_dmean_ref", "hist_dvar", "hist_dvar_ref")
 _HISTORY = ("hist_mean", "hist_var", "hist_state", *_CONV_BUFFERS)
+_HISTORY_FLOAT = ("hist_mean", "hist_var", *_CONV_BUFFERS)
 
 
 class _Pending:
-    """The paired conv's latest input and output shape; transient: never copied or pickled."""
+    """The paired conv's latest input, output shape and the dtype it computed in (autocast);
+    transient: never copied or pickled."""
 
-    __slots__ = ("input", "shape")
+    __slots__ = ("input", "shape", "dtype")
 
     def __init__(self) -> None:
-        self.input: Tensor | None = None
-        self.shape: tuple[int, ...] | None = None
+        self.clear()
 
     def clear(self) -> None:
-        self.input, self.shape = None, None
+        self.input: Tensor | None = None
+        self.shape: tuple[int, ...] | None = None
+        self.dtype: torch.dtype | None = None
 
     def __deepcopy__(self, memo: dict) -> _Pending:
         return _Pending()
@@ -139,16 +155,17 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         neg_var: ``"clamp"`` (paper: ``max(ν, μ²)`` per entry) or ``"drop"`` (official code: drop
             earlier entries with negative compensated variance, average over those kept).
         jacobian_dtype: ``"float32"`` (exact; the statistics' precision) or ``"bfloat16"``
-            (faster ∂ν/∂W weight-gradient convolution, ~0.3 % relative error on the compensation).
+            (faster ∂σ²/∂W weight-gradient convolution, ~0.3 % relative error on its term).
         eps, momentum, eval_stats, eval_nbs: as :class:`BatchNorm2d` (GhostBN/SyncBN excluded).
 
     Buffers (all in the state dict): ``hist_mean``, ``hist_var`` ``(k−1, C)`` — mean and biased
     variance of the stored iterations; ``hist_state`` ``[count, next slot]`` of the ring; and,
     once paired (``rho != 0``): ``hist_dmean`` ``(k−1, G, C_in/G·kh·kw)`` — ∂μ/∂W per conv
-    group; ``hist_dsq`` ``(C, k−1, C_in/G·kh·kw)`` — ∂ν_j/∂W_j, channel-major so that the window's
-    compensation is one batched product; ``hist_dsq_ref`` ``(k−1, C)`` — ``⟨∂ν/∂W, W⟩ + 2μb`` at
-    the stored weights. Ring slots ``[0, count)`` are valid (order is irrelevant
-    to the average).
+    group; ``hist_dmean_ref`` ``(k−1, C)`` — ``⟨∂μ/∂W, W⟩ + b`` at the stored weights;
+    ``hist_dvar`` ``(C, k−1, C_in/G·kh·kw)`` — ∂σ²_j/∂W_j, channel-major so that the window's
+    compensation is one batched product; ``hist_dvar_ref`` ``(k−1, C)`` — ``⟨∂σ²/∂W, W⟩`` at
+    the stored weights. Ring slots ``[0, count)`` are valid (order is irrelevant to the
+    average).
     """
 
     def __init__(self, num_features: int, *args: Any, window: int = 4, burnin: int = 0,
@@ -224,8 +241,8 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         if not self._needs_jacobians():
             return {name: (0,) for name in _CONV_BUFFERS}
         per_group = conv.weight[0].numel()
-        return {"hist_dmean": (k1, conv.groups, per_group), "hist_dsq": (c, k1, per_group),
-                "hist_dsq_ref": (k1, c)}
+        return {"hist_dmean": (k1, conv.groups, per_group), "hist_dmean_ref": (k1, c),
+                "hist_dvar": (c, k1, per_group), "hist_dvar_ref": (k1, c)}
 
     # -- pairing ----------------------------------------------------------------------------------
     def pair(self, conv: nn.Conv2d) -> None:
@@ -262,6 +279,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         if self.training and conv is self._paired_conv:
             self._pending.input = args[0] if args and isinstance(args[0], Tensor) else None
             self._pending.shape = tuple(output.shape) if isinstance(output, Tensor) else None
+            self._pending.dtype = output.dtype if isinstance(output, Tensor) else None
 
     def _conv_input(self, x: Tensor) -> Tensor:
         if self._paired_conv is None:
@@ -275,17 +293,22 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
                                "the conv it is paired with")
         return pending.input
 
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(torch.bfloat16) would round the window: the history stays fp32 (moves only).
+        before = {name: getattr(self, name) for name in _HISTORY_FLOAT}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, old.to(new.device))
+        return self
+
     # -- state dict -------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         keys = [prefix + name for name in _HISTORY]
-        ref = prefix + "hist_dsq_ref"
-        if ref not in state_dict and prefix + "hist_dsq" in state_dict:
-            # bnbench ≤ 0.1 checkpoints: ⟨∂ν/∂W, W⟩ + 2μb = 2ν at the stored weights (Euler)
-            state_dict = dict(state_dict)
-            mean, var = state_dict[prefix + "hist_mean"], state_dict[prefix + "hist_var"]
-            state_dict[ref] = (2 * (var + mean * mean) if state_dict[prefix + "hist_dsq"].numel()
-                               else mean.new_zeros(0))
+        if prefix + "hist_dsq" in state_dict and prefix + "hist_dvar" not in state_dict:
+            state_dict = _from_second_moment(state_dict, prefix)
         if not all(key in state_dict for key in keys):
             # A checkpoint without (complete) history, e.g. of plain BN: an empty window.
             state_dict = {k: v for k, v in state_dict.items() if k not in keys}
@@ -334,10 +357,16 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         return y
 
     def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The conv's ``(W (C, P), b)`` in ``cd``, rounded first to the dtype the conv just
+        computed in (autocast: the weights it actually used)."""
         conv = self._paired_conv
-        w = conv.weight.detach().to(cd).reshape(conv.out_channels, -1)
-        b = conv.bias.detach().to(cd) if conv.bias is not None else None
-        return w, b
+        run = self._pending.dtype
+        w, b = conv.weight.detach(), conv.bias
+        if run is not None and run != w.dtype and run.is_floating_point:
+            w = w.to(run)
+            b = None if b is None else b.to(run)
+        w = w.to(cd).reshape(conv.out_channels, -1)
+        return w, (None if b is None else b.detach().to(cd))
 
     def _compensated(self, length: int, cd: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """Earlier iterations' ``(μ, σ²⁺, keep)`` ``(L, C)`` at the current weights."""
@@ -347,15 +376,13 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             conv = self._paired_conv
             w, b = self._weights(cd)
             dmean = _group_dot(w, self.hist_dmean[:length].to(cd), conv.groups)  # (L, C)
-            hist = self.hist_dsq[:, :length].to(cd)  # (C, L, P)
-            dsq = torch.bmm(w[:, None, :], hist.transpose(1, 2))[:, 0].t()  # (L, C)
-            dmean = dmean - mean  # ⟨J, W_t⟩ − ⟨J, W_{t−τ}⟩ (Euler), see the module docstring
-            dsq = dsq - self.hist_dsq_ref[:length].to(cd)
             if b is not None:
                 dmean = dmean + b
-                dsq = dsq + 2 * mean * b
-            dmean, dsq = self.rho * dmean, self.rho * dsq
-            var = var + dsq - dmean * (2 * mean + dmean)
+            dmean = self.rho * (dmean - self.hist_dmean_ref[:length].to(cd))  # ρ Δμ
+            hist = self.hist_dvar[:, :length].to(cd)  # (C, L, P)
+            dvar = torch.bmm(w[:, None, :], hist.transpose(1, 2))[:, 0].t()  # (L, C)
+            dvar = self.rho * (dvar - self.hist_dvar_ref[:length].to(cd))  # ρ ⟨∂σ²/∂W, ΔW⟩
+            var = var + dvar - dmean * dmean
             mean = mean + dmean
         keep = torch.ones_like(var) if self.neg_var == "clamp" else (var >= 0).to(cd)
         return mean, var.clamp_min(0), keep
@@ -367,22 +394,22 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         self.hist_mean[pos] = mean
         self.hist_var[pos] = var
         if self._needs_jacobians():
-            dmean, dsq = self.jacobians(conv_input, y, cd)
+            dmean, dvar = self.jacobians(conv_input, y, cd, mean=mean)
             w, b = self._weights(cd)
-            ref = (dsq * w).sum(1)  # ⟨∂ν_j/∂W_j, W_j⟩ at the weights of this iteration
-            if b is not None:
-                ref = ref + 2 * mean.to(cd) * b
+            mean_ref = _group_dot(w, dmean[None], self._paired_conv.groups)[0]  # ⟨∂μ_j/∂W_j, W_j⟩
             self.hist_dmean[pos] = dmean
-            self.hist_dsq[:, pos] = dsq
-            self.hist_dsq_ref[pos] = ref
+            self.hist_dmean_ref[pos] = mean_ref if b is None else mean_ref + b
+            self.hist_dvar[:, pos] = dvar
+            self.hist_dvar_ref[pos] = (dvar * w).sum(1)  # ⟨∂σ²_j/∂W_j, W_j⟩
         self.hist_state[0] = min(length + 1, k1)
         self.hist_state[1] = (pos + 1) % k1
 
     @torch.no_grad()
-    def jacobians(self, conv_input: Tensor, y: Tensor,
-                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """``∂μ/∂W`` ``(G, C_in/G·kh·kw)`` (per group) and ``∂ν_j/∂W_j`` ``(C, C_in/G·kh·kw)``
-        of the paired conv, from its input ``conv_input`` and output ``y`` (analytic)."""
+    def jacobians(self, conv_input: Tensor, y: Tensor, dtype: torch.dtype = torch.float32, *,
+                  mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``∂μ/∂W`` ``(G, C_in/G·kh·kw)`` (per group) and ``∂σ²_j/∂W_j`` ``(C, C_in/G·kh·kw)``
+        of the paired conv, from its input ``conv_input`` and output ``y`` (analytic; ``mean``:
+        the per-channel mean of ``y`` if known)."""
         conv = self._paired_conv
         x = conv_input.detach()
         padding = conv.padding
@@ -392,14 +419,37 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             padding = (0, 0)
         x, y = x.to(dtype), y.detach().to(dtype)
         m = y.shape[0] * y.shape[2] * y.shape[3]
+        mean = y.mean((0, 2, 3)) if mean is None else mean.to(dtype)
         low = torch.bfloat16 if self.jacobian_dtype == "bfloat16" else dtype
         with _no_autocast(x.device):
-            dsq = _weight_grad(x.to(low), y.to(low), conv, padding).to(dtype).mul_(2.0 / m)
+            centered = (y - mean.view(1, -1, 1, 1)).to(low)  # ∂σ²/∂y = 2(y − μ)/M
+            dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)
             ones = x.new_ones(1, 1, y.shape[2], y.shape[3])
             patch = conv2d_weight(x.sum(0, keepdim=True), (1, *x.shape[1:2], *conv.kernel_size),
                                   ones, conv.stride, padding, conv.dilation, 1)
             dmean = patch.reshape(conv.groups, -1).div_(m)
-        return dmean, dsq
+        return dmean, dvar
+
+
+def _from_second_moment(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """A bnbench 0.1 state dict (second-moment Jacobians ``hist_dsq`` = ∂ν/∂W) in the current
+    layout: ``∂σ²/∂W = ∂ν/∂W − 2μ ∂μ/∂W``, ``e_μ = μ`` and ``e_σ = 2σ²`` (Euler: exact in
+    exact arithmetic)."""
+    out = {k: v for k, v in state_dict.items()
+           if k not in (prefix + "hist_dsq", prefix + "hist_dsq_ref")}
+    dsq, dmean = state_dict[prefix + "hist_dsq"], state_dict.get(prefix + "hist_dmean")
+    mean, var = state_dict.get(prefix + "hist_mean"), state_dict.get(prefix + "hist_var")
+    if dsq.numel() == 0 or dmean is None or mean is None or var is None:
+        empty = dsq.new_zeros(0)
+        out.update({prefix + name: empty for name in ("hist_dmean_ref", "hist_dvar",
+                                                      "hist_dvar_ref")})
+        return out
+    c, k1, _ = dsq.shape
+    per_channel = dmean.repeat_interleave(c // dmean.shape[1], dim=1)  # (k−1, C, P)
+    out[prefix + "hist_dvar"] = dsq - 2 * mean.t()[:, :, None] * per_channel.transpose(0, 1)
+    out[prefix + "hist_dmean_ref"] = mean.clone()
+    out[prefix + "hist_dvar_ref"] = 2 * var
+    return out
 
 
 def _group_dot(w: Tensor, patch: Tensor, groups: int) -> Tensor:

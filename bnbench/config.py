@@ -44,8 +44,11 @@ class DatasetConfig:
 class NormConfig:
     """``name`` picks the registry entry; the other keys are its options (``None`` = default).
 
-    ``freeze_at_epoch`` (FrozenBN schedule), ``burnin_epochs`` (CBN burn-in in epochs) and
-    ``scale_schedule`` (BRN schedules fit to the run) are read by the trainer.
+    ``freeze_at_epoch`` (FrozenBN schedule, Rethinking Fig. 6: the statistics frozen are
+    ``freeze_stats`` — ``precise`` (PreciseBN at the switch, the paper's) or ``ema`` — and the
+    learning rate warms up linearly over ``freeze_warmup_epochs`` after the switch),
+    ``burnin_epochs`` (CBN burn-in in epochs) and ``scale_schedule`` (BRN schedules fit to the
+    run) are read by the trainer.
     """
 
     name: str = "bn"
@@ -74,12 +77,15 @@ class NormConfig:
     pop_stats: Optional[str] = None
     affine_mode: Optional[str] = None
     freeze_at_epoch: Optional[int] = None
+    freeze_stats: str = "precise"
+    freeze_warmup_epochs: float = 1.0
     burnin_epochs: Optional[float] = None
     scale_schedule: bool = False
 
 
 #: NormConfig keys that are not layer options.
-RUN_KEYS = ("name", "freeze_at_epoch", "burnin_epochs", "scale_schedule")
+RUN_KEYS = ("name", "freeze_at_epoch", "freeze_stats", "freeze_warmup_epochs", "burnin_epochs",
+            "scale_schedule")
 
 
 @dataclass
@@ -202,4 +208,7 @@ def validate(cfg: DictConfig) -> None:
     freeze = cfg.norm.freeze_at_epoch
     if freeze is not None and not 0 <= freeze <= cfg.trainer.epochs:
         raise BnbenchError(f"norm.freeze_at_epoch={freeze}: must be in [0, trainer.epochs]")
+    _choice("norm.freeze_stats", cfg.norm.freeze_stats, ("precise", "ema"))
+    if cfg.norm.freeze_warmup_epochs < 0:
+        raise BnbenchError("norm.freeze_warmup_epochs must be ≥ 0")
     norms.check_options(cfg.norm.name, norm_options(cfg.norm))

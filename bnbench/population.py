@@ -15,7 +15,10 @@ of its batch and reporting them (per slot: domain-specific layers keep one set p
 Sums are float64 and, in a multi-process run, all-reduced (each process forwards its share), so
 every rank ends with the same statistics. ``layerwise=True`` is appendix A.3: layer ``k`` is
 estimated with layers ``< k`` already using their (exact) population statistics, which equals one
-forward of the whole population as a single batch, at a cost quadratic in depth.
+forward of the whole population as a single batch (up to the ``n/(n−1)`` of the unbiased variance
+the earlier layers normalize with, as at inference), at a cost quadratic in depth; a layer that
+runs more than once per forward (shared across inputs) is refused there.
+Domain-specific layers report each input to its domain's slot, written to that slot.
 """
 
 from __future__ import annotations
@@ -91,24 +94,27 @@ def preserved_population(model: nn.Module) -> Iterator[None]:
 
 
 def _collect(
-    model: nn.Module, layers: list[BatchNorm2d], batches: Batches, stop_after: bool
+    model: nn.Module, layers: list[BatchNorm2d], batches: Batches, stop_after: int = 0
 ) -> dict[tuple[int, int], _Moments]:
-    """Forward every batch, accumulating the statistics each of ``layers`` reports per slot."""
+    """Forward every batch, accumulating the statistics each of ``layers`` reports per slot;
+    with ``stop_after > 0`` each forward stops after that many reports (layer-by-layer)."""
     index = {id(layer): i for i, layer in enumerate(layers)}
     acc: dict[tuple[int, int], _Moments] = {}
+    reports = [0]
 
     def observer(layer: BatchNorm2d, slot: int, mean: Tensor, var: Tensor, count: int) -> None:
-        if count == 0:
-            return
-        key = (index[id(layer)], slot)
-        if key not in acc:
-            acc[key] = _Moments(mean.numel(), mean.device)
-        acc[key].add(mean, var, count)
-        if stop_after:
+        reports[0] += 1
+        if count > 0:
+            key = (index[id(layer)], slot)
+            if key not in acc:
+                acc[key] = _Moments(mean.numel(), mean.device)
+            acc[key].add(mean, var, count)
+        if reports[0] == stop_after:
             raise _StopForward
 
     with observing(layers, observer):
         for x in batches():
+            reports[0] = 0
             with suppress(_StopForward):
                 model(x)
     return acc
@@ -135,31 +141,36 @@ def _assign(
     _check_keys(keys, layers[0].running_mean.device)
     _reduce(acc, keys)
     for i, slot in keys:
-        layer = layers[i]
-        if slot != layer._slot():
-            raise BnbenchError(
-                f"PreciseBN: {type(layer).__name__} reported slot {slot} while "
-                f"slot {layer._slot()} is selected; estimate one domain at a time"
-            )
         mean, var = acc[(i, slot)].finish(estimator)
-        running_mean, running_var = layer._population()
+        running_mean, running_var = layers[i].slot_population(slot)
         running_mean.copy_(mean.to(running_mean.dtype))
         running_var.copy_(var.to(running_var.dtype))
 
 
 def _forward_order(
     model: nn.Module, layers: list[BatchNorm2d], batches: Batches
-) -> list[BatchNorm2d]:
-    seen: list[BatchNorm2d] = []
+) -> list[tuple[BatchNorm2d, int]]:
+    """The layers in the order they first report, each with its number of reports per forward
+    (its slots: one, or one per domain with domain statistics)."""
+    slots: dict[int, list[int]] = {}
+    order: list[BatchNorm2d] = []
 
     def record(layer: BatchNorm2d, slot: int, mean: Tensor, var: Tensor, count: int) -> None:
-        if layer not in seen:
-            seen.append(layer)
+        seen = slots.setdefault(id(layer), [])
+        if not seen:
+            order.append(layer)
+        if slot in seen:
+            raise BnbenchError(
+                f"PreciseBN layerwise: a {type(layer).__name__}({layer.num_features}) runs more "
+                "than once per forward (shared across inputs), so layers after its first call "
+                "are not yet estimated at its later calls; use precise.layerwise=false"
+            )
+        seen.append(slot)
 
     first = next(iter(batches()))
     with observing(layers, record):
         model(first)
-    return seen
+    return [(layer, len(slots[id(layer)])) for layer in order]
 
 
 def _check_keys(keys: list[tuple[int, int]], device: torch.device) -> None:
@@ -206,9 +217,9 @@ def update_population_stats(
         # Layers before the observed one (layer-by-layer) must use their population statistics.
         with eval_stats_mode(model, "population"):
             if not layerwise:
-                _assign(layers, _collect(model, layers, batches, stop_after=False), estimator)
+                _assign(layers, _collect(model, layers, batches), estimator)
                 return
-            for layer in _forward_order(model, layers, batches):
-                _assign([layer], _collect(model, [layer], batches, stop_after=True), estimator)
+            for layer, reports in _forward_order(model, layers, batches):
+                _assign([layer], _collect(model, [layer], batches, reports), estimator)
     finally:
         model.train(was_training)

@@ -53,9 +53,22 @@ def lr_at(cfg: DictConfig, iteration: int, iters_per_epoch: int, global_batch: i
         return base * (o.warmup_factor + (1 - o.warmup_factor) * iteration / warmup)
     if o.schedule == "cosine":
         progress = (iteration - warmup) / max(total - warmup, 1)
-        return base * 0.5 * (1 + math.cos(math.pi * progress))
-    epoch = iteration / iters_per_epoch
-    return base * o.gamma ** sum(epoch >= s for s in o.steps)
+        lr = base * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        lr = base * o.gamma ** sum(iteration / iters_per_epoch >= s for s in o.steps)
+    return lr * _freeze_warmup(cfg, iteration, iters_per_epoch)
+
+
+def _freeze_warmup(cfg: DictConfig, iteration: int, iters_per_epoch: int) -> float:
+    """Factor of the linear warmup after the FrozenBN switch (Rethinking §4.3: one epoch)."""
+    freeze, epochs = cfg.norm.freeze_at_epoch, cfg.norm.freeze_warmup_epochs
+    if freeze is None or not epochs:
+        return 1.0
+    start, length = freeze * iters_per_epoch, max(1, round(epochs * iters_per_epoch))
+    if not start <= iteration < start + length:
+        return 1.0
+    f = cfg.optim.warmup_factor
+    return f + (1 - f) * (iteration - start) / length
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_wd_norm_bias: bool) -> list[dict]:
@@ -262,11 +275,7 @@ class Trainer:
         freeze = cfg.norm.freeze_at_epoch
         layers = bn_layers(self.model)
         if freeze is not None and epoch >= freeze and not all(m.frozen for m in layers):
-            # FrozenBN from here on (Fig. 6): the inference function is unchanged; the ranks'
-            # EMA statistics are made equal first so that every rank freezes the same model.
-            sync_population_stats(self.model, cfg.dist.ema_sync)
-            for layer in layers:
-                layer.frozen = True
+            self._freeze(layers, at_switch=epoch == freeze)
         net.train()
         self.train_loader.set_epoch(epoch)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -315,6 +324,21 @@ class Trainer:
             "time": seconds,
             "images_per_s": n / seconds,
         }
+
+    def _freeze(self, layers: list, *, at_switch: bool) -> None:
+        """FrozenBN from here on (Fig. 6), with population statistics that every rank shares:
+        PreciseBN's of the model at the switch (``norm.freeze_stats=precise``) or the ranks'
+        synced EMA. After the switch epoch (a resumed run) the checkpoint holds the frozen
+        statistics already."""
+        cfg = self.cfg
+        if at_switch and cfg.norm.freeze_stats == "precise":
+            update_population_stats(self.model, self._precise_batches(),
+                                    estimator=cfg.precise.estimator,
+                                    layerwise=cfg.precise.layerwise)
+        else:
+            sync_population_stats(self.model, cfg.dist.ema_sync)
+        for layer in layers:
+            layer.frozen = True
 
     # -- validation ---------------------------------------------------------------------------
     def _precise_batches(self):

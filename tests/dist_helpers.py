@@ -154,6 +154,10 @@ def syncbn_worker(rank: int, world: int, sizes: list[int], group_size: int) -> d
     x, w = batch(rank, sizes)
     out = _bn_step(layer, x, w)
     out["group_world"] = dist.get_world_size(layer.process_group)
+    layer.eval()  # mini-batch statistics at inference: groups of 2 of this rank's samples only
+    layer.eval_stats, layer.eval_nbs = "batch", 2
+    with torch.no_grad():
+        out["y_eval"] = layer(x) if x.shape[0] else None
     return out
 
 

@@ -106,6 +106,10 @@ def test_syncbn_equals_bn_of_the_concatenated_batch(case, layer_runs):
         torch.testing.assert_close(out["running_mean"], ref["layer"].running_mean, **TOL)
         torch.testing.assert_close(out["running_var"], ref["layer"].running_var, **TOL)
         assert out["tracked"] == 2
+        if n:  # inference with batch statistics: the rank's own groups, never other ranks'
+            own = bn_layer(eval_stats="batch", eval_nbs=2).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(out["y_eval"], own(batch(r, sizes)[0]), **TOL)
         start += n
     # affine gradients: per-rank contributions sum to the global gradient (DDP would average)
     for key in ("dweight", "dbias"):

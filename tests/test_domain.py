@@ -519,3 +519,30 @@ def test_low_precision_inputs_keep_their_dtype(train):
     xs = [torch.randn(2, C, 4, 4).bfloat16(), torch.randn(2, C, 2, 2).bfloat16()]
     assert [y.dtype for y in bn.forward_domains(xs)] == [torch.bfloat16] * 2
     assert bn.running_mean.dtype == torch.float32 and torch.all(bn.running_mean != 0)
+
+
+class _AllDomains(nn.Module):
+    """A head that takes the inputs of all domains at once (forward_domains)."""
+
+    def __init__(self, bn: DomainBatchNorm2d) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, xs):
+        return self.bn.forward_domains(xs)
+
+
+@pytest.mark.parametrize("train", MODES)
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_precise_bn_estimates_every_domain_in_one_pass(train, layerwise):
+    """PreciseBN over batches holding all domains (forward_domains): each slot gets the unbiased
+    statistics of its own domain's concatenated data (Table 5's domain-specific rows)."""
+    from bnbench.population import update_population_stats
+
+    bn = layer(train, "domain")
+    passes = [inputs(seed=s) for s in range(3)]
+    update_population_stats(_AllDomains(bn), lambda: passes, layerwise=layerwise)
+    for d in range(D):
+        whole = torch.cat([xs[d].transpose(0, 1).reshape(C, -1) for xs in passes], dim=1)
+        close(bn.running_mean[d], whole.mean(1))
+        close(bn.running_var[d], whole.var(1, unbiased=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -371,3 +373,19 @@ def test_group_statistics_carry_no_gradient_and_no_double_backward(kernel):
     (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
         g.sum().backward()
+
+
+def test_convert_keeps_eps_and_momentum_unless_given():
+    """A BN with eps=1e-3 (TF-ported models) converted to frozen keeps its function."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e-3, momentum=0.03))
+    with torch.no_grad():
+        net[1].running_var.uniform_(1e-4, 1e-3)
+        net[1].running_mean.normal_()
+    x = torch.randn(2, 3, 6, 6)
+    expect = net.eval()(x)
+    frozen = norms.convert(copy.deepcopy(net), "frozen")
+    assert frozen[1].eps == 1e-3 and frozen[1].momentum == 0.03
+    torch.testing.assert_close(frozen.eval()(x), expect)
+    given = norms.convert(copy.deepcopy(net), "bn", eps=1e-5, momentum=0.1)
+    assert given[1].eps == 1e-5 and given[1].momentum == 0.1

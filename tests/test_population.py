@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bnbench import norm as norms
+from bnbench.errors import BnbenchError
 from bnbench.population import preserved_population, update_population_stats
 
 
@@ -134,3 +135,26 @@ def test_layerwise_is_exact_for_layers_evaluated_with_batch_statistics():
         torch.testing.assert_close(layer.running_mean, mean)
         torch.testing.assert_close(layer.running_var, var)
     assert all(m.eval_stats == "batch" for m in norms.bn_layers(model))
+
+
+class _Shared(nn.Module):
+    """One BN layer applied to two inputs per forward (a head shared across FPN levels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(x) + self.bn(3 * x + 5).mean()
+
+
+def test_shared_layer_sees_every_call_and_layerwise_refuses_it():
+    torch.manual_seed(0)
+    model = norms.convert(_Shared().double(), "bn")
+    x = _data(12)
+    update_population_stats(model, lambda: x.split(4))
+    union = torch.cat([x, 3 * x + 5]).transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(model.bn.running_mean, union.mean(1))
+    torch.testing.assert_close(model.bn.running_var, union.var(1))
+    with pytest.raises(BnbenchError, match="runs more than once per forward"):
+        update_population_stats(model, lambda: x.split(4), layerwise=True)

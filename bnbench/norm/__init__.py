@@ -174,8 +174,9 @@ def is_norm(module: nn.Module) -> bool:
 def convert(model: nn.Module, name: str, **options: Any) -> nn.Module:
     """Replace every normalization layer of ``model`` by ``name``'s layer, in place.
 
-    Affine parameters and population statistics are copied where both layers have them, so
-    converting a trained BN model to ``frozen`` keeps its function. Returns ``model``.
+    Affine parameters, population statistics and, unless given in ``options``, ``eps`` and the
+    EMA ``momentum`` are copied where both layers have them, so converting a trained BN model to
+    ``frozen`` keeps its function. Returns ``model``.
     """
     factory, entry = make(name, **options), spec(name)
     for parent in list(model.modules()):
@@ -185,6 +186,10 @@ def convert(model: nn.Module, name: str, **options: Any) -> nn.Module:
                     child.num_features if hasattr(child, "num_features") else child.num_channels
                 )
                 _copy_state(child, new)
+                for key in ("eps", "momentum"):
+                    value = getattr(child, key, None)
+                    if key not in options and isinstance(value, float) and hasattr(new, key):
+                        setattr(new, key, value)
                 setattr(parent, child_name, new)
     if entry.attach is not None:
         entry.attach(model)

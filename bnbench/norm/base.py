@@ -17,7 +17,8 @@ decided in :meth:`BatchNorm2d._batch_forward` and nowhere else:
   statistics from a differentiable all-reduce of count-weighted sums and sums of squares;
 * at inference, ``eval_stats="population"`` uses the population statistics (``running_mean``,
   ``running_var``); ``eval_stats="batch"`` uses mini-batch statistics with groups of ``eval_nbs``
-  (§4.2, "use mini-batch statistics in inference");
+  samples of the process's own batch (§4.2, "use mini-batch statistics in inference"; also for
+  SyncBN layers: a prediction never depends on another process's images);
 * ``frozen=True`` uses the population statistics in training too (FrozenBN, §4.3), and PreciseBN
   does not recompute them: they are constants of the model;
 * while a PreciseBN observer is attached (:mod:`bnbench.population`), ``S`` is the whole
@@ -299,6 +300,13 @@ class BatchNorm2d(nn.BatchNorm2d):
     def _affine(self) -> tuple[Tensor | None, Tensor | None]:
         return self.weight, self.bias
 
+    def slot_population(self, slot: int) -> tuple[Tensor, Tensor]:
+        """``(running_mean, running_var)`` of statistics slot ``slot`` (writable; PreciseBN
+        writes through it). One slot here: 0."""
+        if slot != 0:
+            raise BnbenchError(f"{type(self).__name__}: slot {slot} out of range (1 slot)")
+        return self._population()
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -325,7 +333,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         """Normalize with mini-batch statistics: the one place where the batch is decided."""
         weight, bias = self._affine()
         group = self.process_group
-        if group is not None and dist.get_world_size(group) > 1:
+        if group is not None and self.training and dist.get_world_size(group) > 1:
             return self._sync_forward(x, group, weight, bias, update)
         running_mean, running_var = self._population()
         if nbs is None or nbs >= x.shape[0]:

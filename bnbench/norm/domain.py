@@ -67,10 +67,11 @@ Two ways to say which domain an input is from:
 
 PreciseBN: the observer receives the slot of the statistics it is given (``domain`` with domain
 population statistics, 0 otherwise); in :meth:`~DomainBatchNorm2d.forward_domains` it gets what
-the EMA would get (the union, or each input with its slot). :func:`bnbench.population.
-update_population_stats` writes through ``_population()``, i.e. the selected slot, so it
-estimates one domain per pass (``set_domain(model, d)``, then domain-``d`` batches);
-:meth:`~DomainBatchNorm2d.slot_population` gives writable views of any slot.
+the EMA would get (the union, or each input with its slot), and
+:func:`bnbench.population.update_population_stats` writes each slot's estimate through
+:meth:`~DomainBatchNorm2d.slot_population`: one pass over batches of all domains
+(``forward_domains``), or one pass per domain (``set_domain(model, d)``, then domain-``d``
+batches).
 """
 
 from __future__ import annotations

@@ -1,0 +1,66 @@
+"""The trainer's schedules, in process: the FrozenBN switch of Rethinking Fig. 6."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from bnbench.config import register
+from bnbench.norm import bn_layers
+from bnbench.population import update_population_stats
+from bnbench.train import Trainer, lr_at
+
+TINY = ["dataset.num_train=128", "dataset.num_val=32", "dataset.resolution=8",
+        "model.width=0.125", "trainer.batch_size=32", "precise.num_samples=64",
+        "precise.batch_size=32", "eval.batch_size=32", "trainer.threads=1", "trainer.epochs=2",
+        "dataset.workers=0"]
+
+
+def _cfg(*overrides: str):
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("bnbench.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def test_learning_rate_warms_up_again_after_the_frozen_bn_switch():
+    """§4.3: "we start with a linear warmup of one epoch" after switching to FrozenBN."""
+    plain = _cfg("optim.warmup_epochs=0", "optim.schedule=step", "trainer.epochs=4")
+    frozen = _cfg("optim.warmup_epochs=0", "optim.schedule=step", "trainer.epochs=4",
+                  "norm.freeze_at_epoch=2", "norm.freeze_warmup_epochs=1")
+    ipe, batch, f = 10, 256, frozen.optim.warmup_factor
+    for it in range(40):
+        factor = lr_at(frozen, it, ipe, batch) / lr_at(plain, it, ipe, batch)
+        expected = f + (1 - f) * (it - 20) / 10 if 20 <= it < 30 else 1.0
+        assert factor == pytest.approx(expected), it
+
+
+@pytest.mark.parametrize("stats", ["precise", "ema"])
+def test_frozen_bn_switch_freezes_precise_or_ema_statistics(tmp_path, monkeypatch, stats):
+    """At the switch the layers freeze PreciseBN's statistics of the model of that moment (the
+    paper's population statistics) or its EMA, and keep them through the rest of training."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg("norm.freeze_at_epoch=1", f"norm.freeze_stats={stats}")
+    trainer = Trainer(cfg, None)
+    trainer._train_epoch(0)
+    trainer.state.epoch = 1
+    model = trainer.model
+    reference = copy.deepcopy(model)
+    ema = [(m.running_mean.clone(), m.running_var.clone()) for m in bn_layers(model)]
+    if stats == "precise":
+        update_population_stats(reference, trainer._precise_batches())
+    expected = [(m.running_mean.clone(), m.running_var.clone()) for m in bn_layers(reference)]
+    trainer._train_epoch(1)
+    layers = bn_layers(model)
+    assert all(m.frozen for m in layers)
+    for m, (mean, var), (ema_mean, _) in zip(layers, expected, ema, strict=True):
+        torch.testing.assert_close(m.running_mean, mean)
+        torch.testing.assert_close(m.running_var, var)
+        if stats == "precise":
+            assert not torch.allclose(m.running_mean, ema_mean)

@@ -31,8 +31,12 @@ def save_atomic(obj: Any, path: Path) -> None:
 def load(path: Path, device: torch.device) -> dict[str, Any]:
     try:
         return torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # a corrupt or foreign file: say which
-        raise BnbenchError(f"cannot read checkpoint {path}: {err}") from err
+    except FileNotFoundError as err:
+        raise BnbenchError(f"checkpoint {path} does not exist") from err
+    except Exception as err:  # a corrupt or foreign file: say which (torch's text is long)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise BnbenchError(f"checkpoint {path} is not a valid checkpoint (corrupt or truncated? "
+                           f"{type(err).__name__}: {first})") from err
 
 
 def rng_state() -> dict[str, Any]:

@@ -7,6 +7,7 @@ or group option, wrong type, bad value, unwritable output dir) ends in one line
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -78,10 +79,14 @@ def _valid_keys(full_key: str) -> list[str]:
 
     from bnbench.config import TrainConfig
 
-    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
-    node = OmegaConf.structured(TrainConfig)
-    node = OmegaConf.select(node, parent) if parent else node
-    return list(node.keys()) if node is not None and hasattr(node, "keys") else []
+    root = OmegaConf.structured(TrainConfig)
+    parts = full_key.split(".")[:-1]
+    while parts:  # the deepest existing group above the key (a typo'd group: the top level)
+        node = OmegaConf.select(root, ".".join(parts))
+        if node is not None and hasattr(node, "keys"):
+            return list(node.keys())
+        parts.pop()
+    return list(root.keys())
 
 
 def describe(err: BaseException) -> str:
@@ -190,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    # torch.compile's C++ toolchain check warns "No CUDA runtime is found" on CPU-only machines
+    # with a CUDA build of PyTorch: noise in every GhostBN/BRN/CBN run here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         if command == "train":
             return _train(rest)

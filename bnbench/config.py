@@ -6,7 +6,7 @@ type fails at composition; :func:`validate` then checks values (positive sizes, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -184,6 +184,11 @@ def validate(cfg: DictConfig) -> None:
     """Value checks that the schema's types cannot express; raises :class:`BnbenchError`."""
     from bnbench import norm as norms
 
+    groups = [f.name for f in fields(TrainConfig)]
+    extra = [k for k in cfg if k not in groups and k != "hydra"]
+    if extra:  # `+typo=…` adds a key that the schema's struct mode cannot refuse
+        raise BnbenchError(f"unknown key {extra[0]}; valid keys here: {', '.join(groups)}")
+
     _positive(
         cfg,
         "trainer.epochs",
@@ -209,6 +214,12 @@ def validate(cfg: DictConfig) -> None:
     if freeze is not None and not 0 <= freeze <= cfg.trainer.epochs:
         raise BnbenchError(f"norm.freeze_at_epoch={freeze}: must be in [0, trainer.epochs]")
     _choice("norm.freeze_stats", cfg.norm.freeze_stats, ("precise", "ema"))
+    nbs = cfg.norm.nbs
+    if nbs is not None and nbs > cfg.trainer.batch_size:
+        raise BnbenchError(
+            f"norm.nbs={nbs} exceeds the per-process batch trainer.batch_size="
+            f"{cfg.trainer.batch_size}: a normalization batch above it is SyncBN (+norm=syncbn)"
+        )
     if cfg.norm.freeze_warmup_epochs < 0:
         raise BnbenchError("norm.freeze_warmup_epochs must be ≥ 0")
     norms.check_options(cfg.norm.name, norm_options(cfg.norm))

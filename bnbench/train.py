@@ -399,6 +399,11 @@ class Trainer:
             " (ShuffleBN)" if cfg.dist.shuffle_bn and self.world > 1 else "",
             self.iters_per_epoch,
         )
+        nbs = cfg.norm.nbs
+        if nbs and cfg.trainer.batch_size % nbs:
+            log.warning("trainer.batch_size=%d is not a multiple of norm.nbs=%d: every step's "
+                        "last %d samples form a smaller normalization batch",
+                        cfg.trainer.batch_size, nbs, cfg.trainer.batch_size % nbs)
         for epoch in range(self.state.epoch, cfg.trainer.epochs):
             start = time.perf_counter()
             train = self._train_epoch(epoch)

@@ -65,6 +65,11 @@ def error_line(capsys) -> str:
         (["optim.schedule=linear"], "optim.schedule=linear: choose one of cosine, step"),
         (["hydra.run.dir=/proc/nope/run"], "not writable"),
         (["hydra.run.dir=/dev/null/run"], "not writable"),
+        (["trainr.epochs=3"], "unknown key trainr.epochs; valid keys here: model, dataset"),
+        (["+trainr.epochs=3"], "unknown key trainr; valid keys here: model, dataset"),
+        (["+norm=ghost", "norm.nbs=64", "trainer.batch_size=32"],
+         "norm.nbs=64 exceeds the per-process batch trainer.batch_size=32"),
+        (["norm.freeze_stats=batch"], "norm.freeze_stats=batch: choose one of precise, ema"),
     ],
 )
 def test_bad_overrides_are_one_line(args, needle, capsys):
@@ -215,6 +220,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
         (["+norm=ghost", "norm.nbs=1", "model.small_input=false"], "1 value per channel"),
         (["dataset=imagefolder", "dataset.root=/nonexistent"], "/nonexistent"),
         (["+norm=gn", "norm.groups=5"], "norm.groups=5"),
+        (["+norm=gn", "norm.groups=0"], "norm.groups=0: must be a positive integer"),
     ],
 )
 def test_bad_runtime_inputs_are_one_line(args, needle, tmp_path):
@@ -296,3 +302,17 @@ def test_freeze_at_epoch_switches_to_frozen_bn(tmp_path):
     state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)["model"]
     tracked = {k: int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
     assert set(tracked.values()) == {8}  # EMA updated in epoch 1 only (8 iterations)
+
+
+@pytest.mark.parametrize("content", [b"garbage\n", None])
+def test_unreadable_checkpoint_is_one_line(tmp_path, content):
+    from bnbench import checkpoint
+
+    path = tmp_path / "last.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(cli.BnbenchError) as err:
+        checkpoint.load(path, torch.device("cpu"))
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 300
+    assert ("not a valid checkpoint" if content else "does not exist") in message

@@ -389,3 +389,15 @@ def test_convert_keeps_eps_and_momentum_unless_given():
     torch.testing.assert_close(frozen.eval()(x), expect)
     given = norms.convert(copy.deepcopy(net), "bn", eps=1e-5, momentum=0.1)
     assert given[1].eps == 1e-5 and given[1].momentum == 0.1
+
+
+def test_failed_convert_leaves_the_model_untouched():
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    with pytest.raises(BnbenchError, match="no preceding Conv2d"):
+        norms.convert(net, "cbn")  # the first BN has no conv to pair with
+    assert all(type(m) is nn.BatchNorm2d for m in (net[0], net[2]))
+    mixed = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1),
+                          nn.BatchNorm2d(6))
+    with pytest.raises(BnbenchError, match="norm.groups=4"):
+        norms.convert(mixed, "gn", groups=4)  # divides 8, not 6
+    assert type(mixed[1]) is nn.BatchNorm2d

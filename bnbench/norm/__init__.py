@@ -179,6 +179,7 @@ def convert(model: nn.Module, name: str, **options: Any) -> nn.Module:
     ``frozen`` keeps its function. Returns ``model``.
     """
     factory, entry = make(name, **options), spec(name)
+    swaps = []  # every new layer is built before the model changes (a bad option: untouched)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if is_norm(child) and child_name != "":
@@ -190,9 +191,16 @@ def convert(model: nn.Module, name: str, **options: Any) -> nn.Module:
                     value = getattr(child, key, None)
                     if key not in options and isinstance(value, float) and hasattr(new, key):
                         setattr(new, key, value)
-                setattr(parent, child_name, new)
-    if entry.attach is not None:
-        entry.attach(model)
+                swaps.append((parent, child_name, child, new))
+    for parent, child_name, _, new in swaps:
+        setattr(parent, child_name, new)
+    try:
+        if entry.attach is not None:
+            entry.attach(model)  # e.g. CBN's conv pairing, which can fail
+    except BaseException:
+        for parent, child_name, old, _ in swaps:
+            setattr(parent, child_name, old)
+        raise
     return model
 
 

@@ -176,20 +176,20 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             raise BnbenchError("cbn: statistics of the per-process batch; nbs/sync are not "
                                "supported")
         if isinstance(window, bool):
-            raise BnbenchError(f"cbn.window={window}: must be a positive integer")
-        self.window = check_positive("cbn.window", window, allow_none=False)
+            raise BnbenchError(f"norm.window={window}: must be a positive integer")
+        self.window = check_positive("norm.window", window, allow_none=False)
         if (isinstance(burnin, bool) or not isinstance(burnin, (int, float))
                 or int(burnin) != burnin or burnin < 0):
-            raise BnbenchError(f"cbn.burnin={burnin}: must be a non-negative integer (iterations)")
+            raise BnbenchError(f"norm.burnin={burnin}: must be a non-negative integer (iterations)")
         self.burnin = int(burnin)
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho):
-            raise BnbenchError(f"cbn.rho={rho}: must be a finite number")
+            raise BnbenchError(f"norm.rho={rho}: must be a finite number")
         self.rho = float(rho)
         if neg_var not in NEG_VAR:
-            raise BnbenchError(f"cbn.neg_var={neg_var}: choose one of {', '.join(NEG_VAR)}")
+            raise BnbenchError(f"norm.neg_var={neg_var}: choose one of {', '.join(NEG_VAR)}")
         self.neg_var = neg_var
         if jacobian_dtype not in JACOBIAN_DTYPES:
-            raise BnbenchError(f"cbn.jacobian_dtype={jacobian_dtype}: choose one of "
+            raise BnbenchError(f"norm.jacobian_dtype={jacobian_dtype}: choose one of "
                                f"{', '.join(JACOBIAN_DTYPES)}")
         self.jacobian_dtype = jacobian_dtype
         dev = self.running_mean.device

@@ -20,8 +20,11 @@ def default_groups(channels: int, preferred: int = 32) -> int:
 def group_norm(
     num_features: int, *, groups: int | None = None, eps: float = 1e-5, affine: bool = True
 ) -> nn.GroupNorm:
-    g = default_groups(num_features) if groups is None else int(groups)
-    if g < 1 or num_features % g:
+    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int)
+                               or groups < 1):
+        raise BnbenchError(f"norm.groups={groups}: must be a positive integer")
+    g = default_groups(num_features) if groups is None else groups
+    if num_features % g:
         raise BnbenchError(
             f"norm.groups={groups}: must divide the {num_features} channels of every "
             "normalized layer"

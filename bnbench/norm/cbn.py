@@ -422,12 +422,20 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         mean = y.mean((0, 2, 3)) if mean is None else mean.to(dtype)
         low = torch.bfloat16 if self.jacobian_dtype == "bfloat16" else dtype
         with _no_autocast(x.device):
-            centered = (y - mean.view(1, -1, 1, 1)).to(low)  # ∂σ²/∂y = 2(y − μ)/M
-            dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)
             ones = x.new_ones(1, 1, y.shape[2], y.shape[3])
             patch = conv2d_weight(x.sum(0, keepdim=True), (1, *x.shape[1:2], *conv.kernel_size),
                                   ones, conv.stride, padding, conv.dilation, 1)
             dmean = patch.reshape(conv.groups, -1).div_(m)
+            if low == dtype:
+                # ∂σ²/∂W = (2/M) Σ y·patch − 2μ ∂μ/∂W: the centring on the (C, P) Jacobian, not
+                # a pass over y; the cancellation error is ulp·|μ|·|patch| per entry (a few
+                # ulps of ∂σ²/∂W when |μ| ≫ σ), not ulp·μ² on σ².
+                dvar = _weight_grad(x, y, conv, padding).mul_(2.0 / m)
+                per_channel = dmean.repeat_interleave(y.shape[1] // conv.groups, dim=0)
+                dvar.sub_(per_channel * (2 * mean)[:, None])
+            else:  # rounded inputs: centre y first (bf16 of y − μ keeps σ's precision, not μ's)
+                centered = (y - mean.view(1, -1, 1, 1)).to(low)  # ∂σ²/∂y = 2(y − μ)/M
+                dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)
         return dmean, dvar
 
 

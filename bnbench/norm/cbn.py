@@ -431,8 +431,9 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
                 # a pass over y; the cancellation error is ulp·|μ|·|patch| per entry (a few
                 # ulps of ∂σ²/∂W when |μ| ≫ σ), not ulp·μ² on σ².
                 dvar = _weight_grad(x, y, conv, padding).mul_(2.0 / m)
-                per_channel = dmean.repeat_interleave(y.shape[1] // conv.groups, dim=0)
-                dvar.sub_(per_channel * (2 * mean)[:, None])
+                g, c = conv.groups, y.shape[1]
+                dvar.view(g, c // g, -1).baddbmm_(mean.view(g, c // g, 1), dmean.view(g, 1, -1),
+                                                  alpha=-2.0)  # in place: −2 μ_j ∂μ/∂W
             else:  # rounded inputs: centre y first (bf16 of y − μ keeps σ's precision, not μ's)
                 centered = (y - mean.view(1, -1, 1, 1)).to(low)  # ∂σ²/∂y = 2(y − μ)/M
                 dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)

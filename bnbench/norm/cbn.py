@@ -45,8 +45,11 @@ Implementation (our choices, exact in exact arithmetic):
   are rounded (``jacobian_dtype="bfloat16"``) and when the conv ran under autocast (its weights
   then are the bf16/fp16-rounded ones, used both when storing and when compensating).
 * Cost: ``∂σ²/∂W`` is one weight-gradient convolution per layer and iteration (the notes'
-  method; the official code does two extra autograd passes). ``jacobian_dtype="bfloat16"`` runs
-  it with bf16 inputs (fp32 accumulation): about 1.7× faster on CPUs with AVX512-BF16 and on
+  method; the official code does two extra autograd passes). In fp32 it is the weight gradient
+  for ``2y/M`` less ``2μ ∂μ/∂W`` (a rank-1 update of the small Jacobian, not a pass over ``y``;
+  that subtraction costs ulp·|μ|·|patch| per entry, measured as accurate as centring ``y``
+  first up to ``μ²/σ² = 3·10⁶``). ``jacobian_dtype="bfloat16"`` runs it on bf16 inputs, ``y``
+  centred before rounding (fp32 accumulation): about 1.7× faster on CPUs with AVX512-BF16 and on
   GPUs, with ~0.3 % relative error on ``∂σ²/∂W`` and so on its term (not on ``σ²``); the default
   (``"float32"``: the statistics' precision, float64 for float64 models) is exact.
 * Statistics are kept as ``(μ, σ² = ν − μ²)`` and averaged in the equivalent form

@@ -222,4 +222,8 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.norm.freeze_warmup_epochs < 0:
         raise BnbenchError("norm.freeze_warmup_epochs must be ≥ 0")
-    norms.check_options(cfg.norm.name, norm_options(cfg.norm))
+    options = norms.check_options(cfg.norm.name, norm_options(cfg.norm))
+    entry = norms.spec(cfg.norm.name)
+    if entry.prepare is None:  # (SyncBN's needs the process group: checked when it is built)
+        # The layer's own checks (momentum, window, …) before any run directory exists.
+        entry.build(int(options.get("groups") or 64), **options)

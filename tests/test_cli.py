@@ -77,6 +77,18 @@ def test_bad_overrides_are_one_line(args, needle, capsys):
     assert needle in error_line(capsys)
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["+norm=cbn", "norm.window=0"], "norm.window=0: must be a positive integer"),
+    (["+norm=bn", "norm.momentum=1.5"], "norm.momentum=1.5: must be in [0, 1]"),
+    (["+norm=ghost", "norm.nbs=0"], "norm.nbs=0: must be a positive integer"),
+])
+def test_bad_layer_options_fail_before_the_run_dir_exists(args, needle, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *args, f"hydra.run.dir={run}"]) == 2
+    assert needle in error_line(capsys)
+    assert not run.exists()
+
+
 def test_unknown_command_and_usage(capsys):
     assert cli.main(["fly"]) == 2
     assert "unknown command" in error_line(capsys)

@@ -50,7 +50,7 @@ def lr_at(cfg: DictConfig, iteration: int, iters_per_epoch: int, global_batch: i
     total = cfg.trainer.epochs * iters_per_epoch
     warmup = round(o.warmup_epochs * iters_per_epoch)
     if iteration < warmup:
-        return base * (o.warmup_factor + (1 - o.warmup_factor) * iteration / warmup)
+        return base * _ramp(o.warmup_factor, iteration, warmup)
     if o.schedule == "cosine":
         progress = (iteration - warmup) / max(total - warmup, 1)
         lr = base * 0.5 * (1 + math.cos(math.pi * progress))
@@ -67,8 +67,12 @@ def _freeze_warmup(cfg: DictConfig, iteration: int, iters_per_epoch: int) -> flo
     start, length = freeze * iters_per_epoch, max(1, round(epochs * iters_per_epoch))
     if not start <= iteration < start + length:
         return 1.0
-    f = cfg.optim.warmup_factor
-    return f + (1 - f) * (iteration - start) / length
+    return _ramp(cfg.optim.warmup_factor, iteration - start, length)
+
+
+def _ramp(factor: float, done: int, length: int) -> float:
+    """Linear warmup from ``factor`` to 1 over ``length`` iterations, ``done`` of them done."""
+    return factor + (1 - factor) * done / length
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_wd_norm_bias: bool) -> list[dict]:

@@ -433,10 +433,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
                 # ∂σ²/∂W = (2/M) Σ y·patch − 2μ ∂μ/∂W: the centring on the (C, P) Jacobian, not
                 # a pass over y; the cancellation error is ulp·|μ|·|patch| per entry (a few
                 # ulps of ∂σ²/∂W when |μ| ≫ σ), not ulp·μ² on σ².
-                dvar = _weight_grad(x, y, conv, padding).mul_(2.0 / m)
-                g, c = conv.groups, y.shape[1]
-                dvar.view(g, c // g, -1).baddbmm_(mean.view(g, c // g, 1), dmean.view(g, 1, -1),
-                                                  alpha=-2.0)  # in place: −2 μ_j ∂μ/∂W
+                dvar = _centre_(_weight_grad(x, y, conv, padding).mul_(2.0 / m), mean, dmean)
             else:  # rounded inputs: centre y first (bf16 of y − μ keeps σ's precision, not μ's)
                 centered = (y - mean.view(1, -1, 1, 1)).to(low)  # ∂σ²/∂y = 2(y − μ)/M
                 dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)
@@ -456,12 +453,21 @@ def _from_second_moment(state_dict: Mapping[str, Any], prefix: str) -> dict[str,
         out.update({prefix + name: empty for name in ("hist_dmean_ref", "hist_dvar",
                                                       "hist_dvar_ref")})
         return out
-    c, k1, _ = dsq.shape
-    per_channel = dmean.repeat_interleave(c // dmean.shape[1], dim=1)  # (k−1, C, P)
-    out[prefix + "hist_dvar"] = dsq - 2 * mean.t()[:, :, None] * per_channel.transpose(0, 1)
+    dvar = dsq.clone()
+    for slot in range(dsq.shape[1]):
+        _centre_(dvar[:, slot], mean[slot], dmean[slot])
+    out[prefix + "hist_dvar"] = dvar
     out[prefix + "hist_dmean_ref"] = mean.clone()
     out[prefix + "hist_dvar_ref"] = 2 * var
     return out
+
+
+def _centre_(jac: Tensor, mean: Tensor, dmean: Tensor) -> Tensor:
+    """``∂ν/∂W`` ``(C, P)`` → ``∂σ²/∂W = ∂ν/∂W − 2μ ∂μ/∂W`` in place (``mean`` ``(C,)``,
+    per-group ``dmean`` ``(G, P)``): one batched rank-1 update."""
+    g, c = dmean.shape[0], jac.shape[0]
+    jac.view(g, c // g, -1).baddbmm_(mean.view(g, c // g, 1), dmean.view(g, 1, -1), alpha=-2.0)
+    return jac
 
 
 def _group_dot(w: Tensor, patch: Tensor, groups: int) -> Tensor:

@@ -401,3 +401,39 @@ def test_failed_convert_leaves_the_model_untouched():
     with pytest.raises(BnbenchError, match="norm.groups=4"):
         norms.convert(mixed, "gn", groups=4)  # divides 8, not 6
     assert type(mixed[1]) is nn.BatchNorm2d
+
+
+def _grad_nodes(root) -> set[str]:
+    seen, stack, names = set(), [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+@pytest.mark.parametrize("cls,opts", [(BatchNorm2d, {"nbs": 2}), (BatchNorm2d, {"nbs": 3}),
+                                      (BatchRenorm2d, {"rmax": 2.0, "dmax": 1.0,
+                                                       "warmup_iters": 0, "rmax_iters": 0,
+                                                       "dmax_iters": 0})])
+def test_inplace_relu_after_grouped_layers(cls, opts, kernel):
+    """An inplace ReLU after the layer (torchvision ResNets) gives the out-of-place gradients,
+    without autograd's view fallback (a zero-filled gradient copy per layer: AsStridedBackward)."""
+    layer0 = _affine(cls(4, kernel=kernel, **opts).double())
+    layer0.num_batches_tracked.fill_(1)  # BRN past its (zero-length) plain-BN warmup
+    x = _x(8, 4, 3, 3)
+    grads = []
+    for relu in (F.relu, lambda t: t.relu_()):
+        layer = copy.deepcopy(layer0)  # the same EMA (BRN's r, d) for both
+        y = relu(layer(x))
+        if relu is not F.relu:
+            nodes = _grad_nodes(y.grad_fn)
+            assert "_BatchStatsNormBackward" in nodes
+            assert not nodes & {"AsStridedBackward0", "CopySlices"}
+        grads.append(torch.autograd.grad((y * y).sum(), [x, layer.weight, layer.bias]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

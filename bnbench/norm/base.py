@@ -98,8 +98,8 @@ class _BatchStatsNorm(torch.autograd.Function):
         ∂x = γ r s (∂y − (Σ∂y + x̂ Σ(∂y x̂)) / (count·M))
         ∂γ = Σ_g (r Σ(∂y x̂) + d Σ∂y),   ∂β = Σ_g Σ∂y.
 
-    The passes over the data are :mod:`bnbench.norm.kernels` (eager or fused). Returns ``y`` in
-    the ``(G, n, C, L)`` layout and the biased batch statistics ``(mean, var)`` ``(G, C)`` (no
+    The passes over the data are :mod:`bnbench.norm.kernels` (eager or fused). Returns ``y`` (shape
+    of ``x``) and the biased batch statistics ``(mean, var)`` ``(G, C)`` (no
     gradient).
     """
 
@@ -115,9 +115,10 @@ class _BatchStatsNorm(torch.autograd.Function):
         mean, var = mean.view(groups, -1), var.view(groups, -1)
         ctx.mark_non_differentiable(mean, var)  # the returned tensors themselves
         ctx.set_materialize_grads(False)
-        # y in the (G, n, C, L) layout: a view made in here could not be modified in place
-        # (inplace ReLU after BN); grouped_batch_norm views it as x outside the Function.
-        return y, mean, var
+        # y in x's shape and not a view (detach drops the view relation; nothing else holds
+        # its storage): an inplace ReLU after BN may modify it. A view (made in here or
+        # outside) would be refused or cost autograd a zero-filled copy of the gradient.
+        return y.view(x.shape).detach(), mean, var
 
     @staticmethod
     @once_differentiable  # the backward uses forward constants: no double backward
@@ -164,11 +165,11 @@ def grouped_batch_norm(
     x = x.contiguous()
     if rest == 0:
         y, mean, var = apply(x, groups)
-        return y.view(x.shape).to(dtype), mean, var, [nbs * length] * groups
+        return y.to(dtype), mean, var, [nbs * length] * groups
     parts = [(x[: n - rest], groups)] if groups else []
     parts.append((x[n - rest :], 1))
     outs = [apply(part, g) for part, g in parts]
-    y = torch.cat([out[0].view(part.shape) for out, (part, _) in zip(outs, parts)])
+    y = torch.cat([out[0] for out in outs])
     counts = [nbs * length] * groups + [rest * length]
     return y.to(dtype), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]), counts
 

@@ -66,6 +66,7 @@ class NormConfig:
     rmax_iters: Optional[int] = None
     dmax_iters: Optional[int] = None
     schedule_scale: Optional[float] = None
+    ema: Optional[str] = None
     groups: Optional[int] = None
     window: Optional[int] = None
     burnin: Optional[int] = None

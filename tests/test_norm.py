@@ -167,8 +167,10 @@ def test_batch_stats_at_inference_uses_eval_nbs_groups():
     assert layer.num_batches_tracked.item() == 0
 
 
-def test_brn_identity_limits_equal_bn():
-    brn = _affine(BatchRenorm2d(3, rmax=1.0, dmax=0.0, warmup_iters=0).double())
+@pytest.mark.parametrize("ema", ["var", "std"])
+def test_brn_identity_limits_equal_bn(ema):
+    """r_max = 1, d_max = 0: BN's outputs and gradients (and with ``ema="var"`` its EMA)."""
+    brn = _affine(BatchRenorm2d(3, rmax=1.0, dmax=0.0, warmup_iters=0, ema=ema).double())
     bn = _affine(BatchNorm2d(3).double())
     for seed in range(3):
         x = _x(5, 3, 3, 3, seed=seed)
@@ -177,7 +179,9 @@ def test_brn_identity_limits_equal_bn():
         torch.testing.assert_close(y1, y2)
         for a, b in zip(g1, g2):
             torch.testing.assert_close(a, b)
-    torch.testing.assert_close(brn.running_var, bn.running_var)
+    torch.testing.assert_close(brn.running_mean, bn.running_mean)
+    if ema == "var":
+        torch.testing.assert_close(brn.running_var, bn.running_var)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "compiled"])
@@ -210,12 +214,39 @@ def test_brn_corrections_closed_form_forward_and_backward(kernel):
 
 
 def test_brn_schedule():
-    assert ramp(0, 5000, 40000, 3.0, 1.0) == 1.0
-    assert ramp(22500, 5000, 40000, 3.0, 1.0) == pytest.approx(2.0)
-    assert ramp(50000, 5000, 40000, 3.0, 1.0) == 3.0
+    def at(t, start=5000, end=40000):
+        return float(ramp(torch.tensor(float(t), dtype=torch.float64), start, end, 3.0, 1.0))
+
+    assert at(0) == 1.0 and at(5000) == 1.0
+    assert at(22500) == pytest.approx(2.0)
+    assert at(40000) == 3.0 and at(50000) == 3.0
+    assert at(0, 0, 0) == 1.0 and at(1, 0, 0) == 3.0  # zero-length ramp: a step after start
     brn = BatchRenorm2d(2, schedule_scale=0.5)
     brn.num_batches_tracked.fill_(2500 + 8750)
     assert brn.limits() == pytest.approx((2.0, 5.0 * (22500 - 5000) / 20000))
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_brn_during_warmup_equals_bn(kernel):
+    """Before ``warmup_iters`` the limits are (1, 0): r = 1 and d = 0 exactly, so BRN is BN
+    (outputs, gradients, EMA), without a host-side branch on the iteration count."""
+    brn = _affine(BatchRenorm2d(3, warmup_iters=3, rmax_iters=10, dmax_iters=10, ema="var",
+                                kernel=kernel).double())
+    bn = _affine(BatchNorm2d(3).double())
+    with torch.no_grad():
+        for layer in (brn, bn):
+            layer.running_mean.copy_(torch.tensor([5.0, -3.0, 0.0]))  # r, d far from 1, 0
+            layer.running_var.copy_(torch.tensor([0.01, 100.0, 1.0]))
+    for seed in range(4):  # iterations 0..3 ≤ warmup_iters
+        assert brn.limits() == (1.0, 0.0)
+        x = _x(5, 3, 3, 3, seed=seed)
+        (y1, g1), (y2, g2) = _grads(brn, x, brn), _grads(bn, x, bn)
+        torch.testing.assert_close(y1, y2)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(brn.running_mean, bn.running_mean)
+    torch.testing.assert_close(brn.running_var, bn.running_var)
+    assert brn.limits() == pytest.approx((1 + 2 / 7, 5 / 7))  # one iteration past it
 
 
 @pytest.mark.parametrize("name,groups", [("gn", 4), ("ln", 1), ("in", 8)])
@@ -278,6 +309,7 @@ def test_syncbn_single_process_is_bn():
         lambda: norms.make("nope"),
         lambda: norms.make("bn", eval_stats="sometimes")(4),
         lambda: norms.make("batch_eval", eval_stats="population"),
+        lambda: norms.make("brn", ema="mean")(4),
         lambda: BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),
         lambda: BatchNorm2d(3, nbs=1)(torch.randn(4, 3, 1, 1)),
     ],
@@ -437,3 +469,32 @@ def test_inplace_relu_after_grouped_layers(cls, opts, kernel):
         grads.append(torch.autograd.grad((y * y).sum(), [x, layer.weight, layer.bias]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_brn_ema_of_std_is_algorithm_1(kernel):
+    """``ema="std"``: μ ← μ + m(μ_B − μ), σ ← σ + m(σ_B − σ) with σ_B = sqrt(σ²_B + ε) (BRN
+    paper, Algorithm 1); inference normalizes with that σ. ``ema="var"``: BN's unbiased EMA."""
+    layers = {ema: _affine(BatchRenorm2d(3, ema=ema, momentum=0.3, eps=1e-3, warmup_iters=0,
+                                         rmax_iters=0, dmax_iters=0, kernel=kernel).double())
+              for ema in ("std", "var")}
+    mu, sigma = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    var = torch.ones(3, dtype=torch.float64)
+    sigma = (sigma + 1e-3).sqrt()
+    for seed in range(4):
+        x = _x(6, 3, 2, 2, seed=seed)
+        for layer in layers.values():
+            layer(x)
+        batch_var = x.detach().var((0, 2, 3), correction=0)
+        n = x.numel() // 3
+        mu = mu + 0.3 * (x.detach().mean((0, 2, 3)) - mu)
+        sigma = sigma + 0.3 * ((batch_var + 1e-3).sqrt() - sigma)
+        var = var + 0.3 * (batch_var * n / (n - 1) - var)
+    for layer in layers.values():
+        torch.testing.assert_close(layer.running_mean, mu)
+    torch.testing.assert_close(layers["std"].running_var, sigma**2 - 1e-3)
+    torch.testing.assert_close(layers["var"].running_var, var)
+    x = _x(2, 3, 2, 2, seed=9)
+    w, b = layers["std"].weight, layers["std"].bias
+    expect = (x - mu[:, None, None]) / sigma[:, None, None] * w[:, None, None] + b[:, None, None]
+    torch.testing.assert_close(layers["std"].eval()(x), expect)

@@ -94,7 +94,8 @@ def _registry() -> dict[str, NormSpec]:
         "brn": NormSpec(
             BatchRenorm2d,
             BN_OPTIONS
-            | {"rmax", "dmax", "warmup_iters", "rmax_iters", "dmax_iters", "schedule_scale"},
+            | {"rmax", "dmax", "warmup_iters", "rmax_iters", "dmax_iters", "schedule_scale",
+               "ema"},
             "Batch Renormalization (r/d corrections, r_max/d_max schedules)",
             "CBN paper §5 (Ioffe 2017)",
         ),

@@ -7,15 +7,21 @@ In training, with batch statistics μ_B, σ_B = sqrt(σ²_B + ε) and population
 
 which is BatchNorm with affine ``(γ·r, γ·d + β)``: the gradient through μ_B, σ_B is BN's with
 weight ``γ r``, and ``∂γ = Σ ∂y (r x̂ + d)`` (GhostBN's kernel with one group and these hooks,
-:class:`bnbench.norm.base.Normalization`). ``r, d`` use the EMA before this batch's update; the
-EMA is BN's (unbiased variance) and is used at inference.
+:class:`bnbench.norm.base.Normalization`). ``r, d`` use the EMA before this batch's update, and
+the EMA is used at inference. ``ema="std"`` (default) is the BRN paper's (Algorithm 1):
+``μ ← μ + m(μ_B − μ)``, ``σ ← σ + m(σ_B − σ)``, kept as ``running_var = σ² − ε`` (so
+``sqrt(running_var + ε) = σ`` everywhere BN reads it); ``ema="var"`` is PyTorch BN's EMA of the
+unbiased batch variance.
 ``r_max = 1, d_max = 0`` is plain BN. Schedules (BRN paper defaults, in iterations
-``t`` = ``num_batches_tracked``): plain BN until ``warmup_iters`` (5k), then r_max rises linearly
-to ``rmax`` (3) by ``rmax_iters`` (40k) and d_max to ``dmax`` (5) by ``dmax_iters`` (25k).
+``t`` = ``num_batches_tracked``): plain BN (``r = 1, d = 0``) until ``warmup_iters`` (5k), then
+r_max rises linearly to ``rmax`` (3) by ``rmax_iters`` (40k) and d_max to ``dmax`` (5) by
+``dmax_iters`` (25k).
 ``schedule_scale`` multiplies the three iteration counts (the trainer sets it to fit the run).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,14 +30,15 @@ from bnbench.errors import BnbenchError
 from bnbench.norm.base import BatchNorm2d, grouped_batch_norm
 from bnbench.norm.kernels import Normalization
 
+EMA = ("std", "var")
 
-def ramp(t: float, start: float, end: float, final: float, initial: float) -> float:
-    """``initial`` until ``start``, then linear to ``final`` at ``end``, constant after."""
-    if t <= start:
-        return initial
-    if t >= end or end <= start:
-        return final
-    return initial + (final - initial) * (t - start) / (end - start)
+
+def ramp(t: Tensor, start: float, end: float, final: float, initial: float) -> Tensor:
+    """``initial`` until ``start``, then linear to ``final`` at ``end``, constant after (tensor
+    ops: the schedule follows ``num_batches_tracked`` on its device, no host read-back)."""
+    if end <= start:
+        return torch.where(t <= start, initial, final).to(t.dtype)
+    return initial + (final - initial) * ((t - start) / (end - start)).clamp(0.0, 1.0)
 
 
 class BatchRenorm2d(BatchNorm2d):
@@ -47,6 +54,7 @@ class BatchRenorm2d(BatchNorm2d):
         rmax_iters: int = 40000,
         dmax_iters: int = 25000,
         schedule_scale: float = 1.0,
+        ema: str = "std",
         **kwargs,
     ) -> None:
         super().__init__(num_features, **kwargs)
@@ -61,36 +69,72 @@ class BatchRenorm2d(BatchNorm2d):
         self.rmax, self.dmax = float(rmax), float(dmax)
         self.warmup_iters, self.rmax_iters, self.dmax_iters = warmup_iters, rmax_iters, dmax_iters
         self.schedule_scale = float(schedule_scale)
+        if ema not in EMA:
+            raise BnbenchError(f"norm.ema={ema}: choose one of {', '.join(EMA)}")
+        self.ema = ema
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(float(self.warmup_iters), float(self.rmax_iters), float(self.dmax_iters),
+                        self.rmax, self.dmax, self.schedule_scale)
 
     def limits(self) -> tuple[float, float]:
-        """Current ``(r_max, d_max)`` from the iteration count."""
-        t = float(self.num_batches_tracked.item()) / self.schedule_scale
-        r = ramp(t, self.warmup_iters, self.rmax_iters, self.rmax, 1.0)
-        d = ramp(t, self.warmup_iters, self.dmax_iters, self.dmax, 0.0)
-        return r, d
+        """Current ``(r_max, d_max)`` as numbers (reads the iteration count back to the host)."""
+        return tuple(float(v) for v in self.schedule.limits(self.num_batches_tracked))
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        rmax, dmax = self.limits()
-        if rmax == 1.0 and dmax == 0.0:
+        if self.rmax == 1.0 and self.dmax == 0.0 and self.ema == "var":  # BN, always
             return super()._train_forward(x)
+        # During the warmup the limits are (1, 0): r = 1, d = 0 exactly, i.e. BN. Not branched
+        # on: the limits are computed in the fused forward, nothing is read back to the host.
         self._check_group_size(x, x.shape[0])
-        limits = torch.tensor([rmax, dmax], dtype=torch.float64).to(self.running_var.device)
         # One group (the whole batch): r and d are constants for autograd in there.
         y, mean, var, counts = grouped_batch_norm(
             x, self.weight, self.bias, x.shape[0], self.eps, self._kernels(x), renorm,
-            self.running_mean, self.running_var, limits)
+            self.running_mean, self.running_var, self.num_batches_tracked, self.schedule)
         self._update_population(mean, var, counts)
         return y
 
+    @torch.no_grad()
+    def _update_population(self, mean: Tensor, var: Tensor, counts) -> None:
+        if self.ema == "var":
+            return super()._update_population(mean, var, counts)
+        # BRN Algorithm 1 on σ = sqrt(σ² + ε); one group (the whole batch).
+        sigma = (self.running_var.to(var.dtype) + self.eps).sqrt_()
+        sigma.lerp_((var[0] + self.eps).sqrt_(), self.momentum)
+        self.running_var.copy_((sigma * sigma - self.eps).clamp_min_(0))
+        self.running_mean.lerp_(mean[0].to(self.running_mean.dtype), self.momentum)
+        self.num_batches_tracked.add_(1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rmax={self.rmax:g}, dmax={self.dmax:g}, ema={self.ema}"
+
+
+class Schedule(NamedTuple):
+    """The r_max/d_max schedules (constants of a layer)."""
+
+    warmup_iters: float
+    rmax_iters: float
+    dmax_iters: float
+    rmax: float
+    dmax: float
+    scale: float
+
+    def limits(self, iterations: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r_max, d_max)`` after ``iterations`` (tensor ops, on its device)."""
+        t = iterations.to(torch.float32) / self.scale  # counts are exact up to 2²⁴
+        return (ramp(t, self.warmup_iters, self.rmax_iters, self.rmax, 1.0),
+                ramp(t, self.warmup_iters, self.dmax_iters, self.dmax, 0.0))
+
 
 def renorm(mean: Tensor, var: Tensor, eps: float, running_mean: Tensor, running_var: Tensor,
-           limits: Tensor) -> Normalization:
+           iterations: Tensor, schedule: Schedule) -> Normalization:
     """BRN's ``r = clip(σ_B/σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ)/σ, −d_max, d_max)`` from
-    the batch statistics ``(1, 1, C, 1)`` and the EMA before this batch's update;
-    ``limits = [r_max, d_max]`` (a tensor: the schedules change it every iteration)."""
+    the batch statistics ``(1, 1, C, 1)`` and the EMA before this batch's update, with the
+    limits of the ``schedule`` at ``iterations`` (``num_batches_tracked``)."""
     shape, cd = mean.shape, mean.dtype
     inv_std = torch.rsqrt(running_var.to(cd).view(shape) + eps)
-    rmax, dmax = limits[0].to(cd), limits[1].to(cd)
+    rmax, dmax = (t.to(cd) for t in schedule.limits(iterations))
     r = torch.clamp(torch.sqrt(var + eps) * inv_std, 1.0 / rmax, rmax)
     d = torch.clamp((mean - running_mean.to(cd).view(shape)) * inv_std, -dmax, dmax)
     return Normalization(mean, var, gain=r, offset=d)

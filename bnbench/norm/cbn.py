@@ -65,6 +65,10 @@ Implementation (our choices, exact in exact arithmetic):
   The EMA population statistics are updated from the current batch only, as in BN (unbiased
   variance); ``num_batches_tracked`` is also the iteration count of the burn-in (``convert``
   copies it from the BN it replaces: a converted trained model skips the burn-in).
+* The history is a ring of fixed shape ``(k−1, …)`` with its count and next slot in the
+  ``hist_state`` buffer; the compensation and the window average run inside the fused forward
+  (:func:`compensated_window`) and the new entry is written at a device-side index, so a training
+  step reads nothing back to the host (only ``burnin > 0`` reads the iteration count).
 
 Not supported: activation checkpointing (``torch.utils.checkpoint``) of a CBN layer: the rerun of
 the forward would store a second entry and normalize with another window.
@@ -134,15 +138,56 @@ def window_statistics(mean: Tensor, var: Tensor, eps: float, past_mean: Tensor,
 
     so ``∂μ̄/∂x_i = 1/(nM)`` and ``∂σ̄²/∂x_i = 2(x_i − μ̄)/(nM)``: BN's backward at ``(μ̄, σ̄²)``
     with ``M`` replaced by ``nM`` (``count = n``). ``eps`` is unused (the normalization adds it).
+    Entries not kept are masked, not multiplied by 0 (an unused ring slot may hold anything).
     """
     shape, cd = mean.shape, mean.dtype
     mean, var = mean.view(1, -1), var.view(1, -1)
-    past_mean, past_var, past_keep = past_mean.to(cd), past_var.to(cd), past_keep.to(cd)
-    count = 1 + past_keep.sum(0, keepdim=True)
-    wmean = (mean + (past_keep * past_mean).sum(0, keepdim=True)) / count
+    keep = past_keep.to(cd) > 0
+    past_mean, past_var = past_mean.to(cd), past_var.to(cd)
+    count = 1 + keep.to(cd).sum(0, keepdim=True)
+    wmean = (mean + torch.where(keep, past_mean, 0).sum(0, keepdim=True)) / count
     spread = past_var + (past_mean - wmean).square()
-    wvar = (var + (mean - wmean).square() + (past_keep * spread).sum(0, keepdim=True)) / count
+    past = torch.where(keep, spread, 0).sum(0, keepdim=True)
+    wvar = (var + (mean - wmean).square() + past) / count
     return Normalization(wmean.view(shape), wvar.view(shape), count=count.view(shape))
+
+
+def compensate(hist_mean: Tensor, hist_var: Tensor, drop: bool, rho: float,
+               *jacobians: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Stored entries ``(μ_τ, σ²_τ)`` ``(L, C)`` at the current weights: ``(μ, σ²⁺, keep)``.
+
+    ``jacobians`` = ``(W (C, P), b (C,), ∂μ/∂W (L, G, P), e_μ (L, C), ∂σ²/∂W (C, L, P),
+    e_σ (L, C))`` (none: naive CBN, no compensation):
+
+        Δμ = ρ (⟨∂μ/∂W, W⟩ + b − e_μ),   σ²(θ_t) = σ² + ρ (⟨∂σ²/∂W, W⟩ − e_σ) − Δμ²
+
+    (one batched product over the window, see the module docstring). ``keep`` is 0 where
+    ``drop`` and the compensated variance is negative; ``σ²⁺ = max(σ², 0)`` (paper: max(ν, μ²)).
+    """
+    mean, var = hist_mean, hist_var
+    if jacobians:
+        w, b, dmean, dmean_ref, dvar, dvar_ref = jacobians
+        shift = rho * (_group_dot(w, dmean, dmean.shape[1]) + b - dmean_ref)  # ρ Δμ (L, C)
+        change = torch.bmm(w[:, None, :], dvar.transpose(1, 2))[:, 0].t()  # ⟨∂σ²/∂W, W⟩ (L, C)
+        var = var + rho * (change - dvar_ref) - shift * shift
+        mean = mean + shift
+    keep = (var >= 0) if drop else torch.ones_like(var, dtype=torch.bool)
+    return mean, var.clamp_min(0), keep.to(var.dtype)
+
+
+def compensated_window(mean: Tensor, var: Tensor, eps: float, hist_mean: Tensor,
+                       hist_var: Tensor, hist_state: Tensor, drop: bool, rho: float,
+                       *jacobians: Tensor) -> Normalization:
+    """CBN's transform (runs inside the fused forward): :func:`compensate` the ring's entries
+    ``(k − 1, C)``, keep the ``hist_state[0]`` valid slots ``[0, count)``, and average with the
+    current batch (:func:`window_statistics`). Shapes are fixed and nothing is read back to the
+    host (no device synchronization)."""
+    cd = mean.dtype
+    past_mean, past_var, keep = compensate(hist_mean.to(cd), hist_var.to(cd), drop, rho,
+                                           *(t.to(cd) for t in jacobians))
+    slots = torch.arange(hist_mean.shape[0], device=hist_mean.device)
+    keep = torch.where((slots < hist_state[0])[:, None], keep, 0)
+    return window_statistics(mean, var, eps, past_mean, past_var, keep)
 
 
 class CrossIterationBatchNorm2d(BatchNorm2d):
@@ -338,74 +383,67 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             self._pending.clear()
 
     def _train_forward(self, x: Tensor) -> Tensor:
-        if self.window == 1 or int(self.num_batches_tracked) < self.burnin:
+        # The burn-in reads the iteration count back (a device sync) only when there is one.
+        if self.window == 1 or (self.burnin and int(self.num_batches_tracked) < self.burnin):
             return super()._train_forward(x)
         self._check_group_size(x, x.shape[0])
         conv_input = self._conv_input(x) if self._needs_jacobians() else None
         cd = torch.float64 if self.hist_mean.dtype == torch.float64 else torch.float32
-        length, pos = self.hist_state.tolist()
         with _no_autocast(x.device):
-            with torch.no_grad():
-                past = self._compensated(length, cd)
-                if length < self.window - 1:  # fixed (k−1, C) shapes: empty slots not kept
-                    pad = past[0].new_zeros(self.window - 1 - length, self.num_features)
-                    past = tuple(torch.cat([t, pad]) for t in past)
             weight, bias = self._affine()
             y, mean, var, counts = grouped_batch_norm(
-                x, weight, bias, x.shape[0], self.eps, self._kernels(x), window_statistics,
-                *past)
+                x, weight, bias, x.shape[0], self.eps, self._kernels(x), compensated_window,
+                self.hist_mean, self.hist_var, self.hist_state, self.neg_var == "drop",
+                self.rho, *self._jacobian_args(cd))
             self._update_population(mean, var, counts)  # from the current batch, as BN
             with torch.no_grad():
-                self._push(pos, length, mean[0], var[0], conv_input, x, cd)
+                self._push(mean[0], var[0], conv_input, x, cd)
         return y
 
-    def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """The conv's ``(W (C, P), b)`` in ``cd``, rounded first to the dtype the conv just
-        computed in (autocast: the weights it actually used)."""
+    def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The conv's ``(W (C, P), b (C,))`` in ``cd`` (``b = 0`` without bias), rounded first
+        to the dtype the conv just computed in (autocast: the weights it actually used)."""
         conv = self._paired_conv
         run = self._pending.dtype
         w, b = conv.weight.detach(), conv.bias
+        b = w.new_zeros(conv.out_channels) if b is None else b.detach()
         if run is not None and run != w.dtype and run.is_floating_point:
-            w = w.to(run)
-            b = None if b is None else b.to(run)
-        w = w.to(cd).reshape(conv.out_channels, -1)
-        return w, (None if b is None else b.detach().to(cd))
+            w, b = w.to(run), b.to(run)
+        return w.to(cd).reshape(conv.out_channels, -1), b.to(cd)
 
+    def _jacobian_args(self, cd: torch.dtype) -> tuple[Tensor, ...]:
+        """:func:`compensate`'s ``jacobians`` (empty for naive CBN)."""
+        if not self._needs_jacobians():
+            return ()
+        return (*self._weights(cd), self.hist_dmean, self.hist_dmean_ref, self.hist_dvar,
+                self.hist_dvar_ref)
+
+    @torch.no_grad()
     def _compensated(self, length: int, cd: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Earlier iterations' ``(μ, σ²⁺, keep)`` ``(L, C)`` at the current weights."""
-        mean = self.hist_mean[:length].to(cd)
-        var = self.hist_var[:length].to(cd)
-        if length and self._needs_jacobians():
-            conv = self._paired_conv
-            w, b = self._weights(cd)
-            dmean = _group_dot(w, self.hist_dmean[:length].to(cd), conv.groups)  # (L, C)
-            if b is not None:
-                dmean = dmean + b
-            dmean = self.rho * (dmean - self.hist_dmean_ref[:length].to(cd))  # ρ Δμ
-            hist = self.hist_dvar[:, :length].to(cd)  # (C, L, P)
-            dvar = torch.bmm(w[:, None, :], hist.transpose(1, 2))[:, 0].t()  # (L, C)
-            dvar = self.rho * (dvar - self.hist_dvar_ref[:length].to(cd))  # ρ ⟨∂σ²/∂W, ΔW⟩
-            var = var + dvar - dmean * dmean
-            mean = mean + dmean
-        keep = torch.ones_like(var) if self.neg_var == "clamp" else (var >= 0).to(cd)
-        return mean, var.clamp_min(0), keep
+        """The first ``length`` stored iterations' ``(μ, σ²⁺, keep)`` ``(L, C)`` at the current
+        weights (what the next training forward averages; for inspection and tests)."""
+        entries = compensate(self.hist_mean.to(cd), self.hist_var.to(cd),
+                             self.neg_var == "drop", self.rho,
+                             *(t.to(cd) for t in self._jacobian_args(cd)))
+        return tuple(t[:length] for t in entries)
 
-    def _push(self, pos: int, length: int, mean: Tensor, var: Tensor, conv_input: Tensor | None,
-              y: Tensor, cd: torch.dtype) -> None:
-        """Store the current iteration in ring slot ``pos``."""
+    def _push(self, mean: Tensor, var: Tensor, conv_input: Tensor | None, y: Tensor,
+              cd: torch.dtype) -> None:
+        """Store the current iteration in ring slot ``hist_state[1]`` (indexed on the device)."""
         k1 = self.window - 1
-        self.hist_mean[pos] = mean
-        self.hist_var[pos] = var
+        pos = self.hist_state[1:]
+        self.hist_mean.index_copy_(0, pos, mean[None].to(self.hist_mean.dtype))
+        self.hist_var.index_copy_(0, pos, var[None].to(self.hist_var.dtype))
         if self._needs_jacobians():
             dmean, dvar = self.jacobians(conv_input, y, cd, mean=mean)
             w, b = self._weights(cd)
-            mean_ref = _group_dot(w, dmean[None], self._paired_conv.groups)[0]  # ⟨∂μ_j/∂W_j, W_j⟩
-            self.hist_dmean[pos] = dmean
-            self.hist_dmean_ref[pos] = mean_ref if b is None else mean_ref + b
-            self.hist_dvar[:, pos] = dvar
-            self.hist_dvar_ref[pos] = (dvar * w).sum(1)  # ⟨∂σ²_j/∂W_j, W_j⟩
-        self.hist_state[0] = min(length + 1, k1)
-        self.hist_state[1] = (pos + 1) % k1
+            mean_ref = _group_dot(w, dmean[None], self._paired_conv.groups)[0] + b  # e_μ
+            self.hist_dmean.index_copy_(0, pos, dmean[None])
+            self.hist_dmean_ref.index_copy_(0, pos, mean_ref[None])
+            self.hist_dvar.index_copy_(1, pos, dvar[:, None])
+            self.hist_dvar_ref.index_copy_(0, pos, (dvar * w).sum(1)[None])  # e_σ = ⟨∂σ²/∂W, W⟩
+        self.hist_state[:1].add_(1).clamp_(max=k1)
+        self.hist_state[1:].add_(1).remainder_(k1)
 
     @torch.no_grad()
     def jacobians(self, conv_input: Tensor, y: Tensor, dtype: torch.dtype = torch.float32, *,

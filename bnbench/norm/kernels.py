@@ -78,7 +78,8 @@ class Normalization(NamedTuple):
 
 
 #: ``transform(mean, var, eps, *args) -> Normalization`` from the batch statistics: a pure
-#: module-level function (it runs inside the fused forward), its arguments tensors.
+#: module-level function (it runs inside the fused forward), its arguments tensors or Python
+#: constants (a bool or float is specialized: one compiled graph per value).
 Transform = Callable[..., Normalization]
 
 

@@ -89,8 +89,31 @@ def _valid_keys(full_key: str) -> list[str]:
     return list(root.keys())
 
 
-def describe(err: BaseException) -> str:
-    """One line for a Hydra/OmegaConf composition error."""
+def _chosen_norm(job: Sequence[str]) -> str | None:
+    """The variant a job's overrides select (``+norm=X``, ``norm=X`` or ``norm.name=X``)."""
+    name = None
+    for override in job:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in ("norm", "norm.name"):
+            name = value
+    return name
+
+
+def _unknown_key(key: str, job: Sequence[str]) -> str:
+    from bnbench import norm
+    from bnbench.config import RUN_KEYS, NormConfig
+
+    name = None
+    if key.startswith("norm.") and key.count(".") == 1:
+        name = _chosen_norm(job) or NormConfig.name
+    if name in norm.NORMS:  # the variant's own options, not every variant's
+        keys = [*sorted(norm.spec(name).options), *(k for k in RUN_KEYS if k != "name")]
+        return f"unknown key {key}; norm={name} takes: {', '.join(keys)}"
+    return f"unknown key {key}; valid keys here: {', '.join(_valid_keys(key))}"
+
+
+def describe(err: BaseException, job: Sequence[str] = ()) -> str:
+    """One line for a Hydra/OmegaConf composition error (``job``: the overrides composed)."""
     from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -103,10 +126,9 @@ def describe(err: BaseException) -> str:
     key = getattr(cause, "full_key", None)
     override = re.match(r"Could not override '([^']+)'", str(err))
     if override and not isinstance(cause, ValidationError):
-        key = override.group(1)
-        return f"unknown key {key}; valid keys here: {', '.join(_valid_keys(key))}"
+        return _unknown_key(override.group(1), job)
     if isinstance(cause, ConfigKeyError) and key:
-        return f"unknown key {key}; valid keys here: {', '.join(_valid_keys(key))}"
+        return _unknown_key(key, job)
     if isinstance(cause, ValidationError) and key:
         first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
         return f"{key}: {first}"
@@ -126,10 +148,15 @@ def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def _check_output_dir(overrides: list[str], multirun: bool) -> None:
+def _given_dir(overrides: list[str], multirun: bool) -> str | None:
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
     given = [o.split("=", 1)[1] for o in overrides if o.startswith(key)]
-    target = Path(given[-1] if given else ("multirun" if multirun else "outputs")).absolute()
+    return given[-1] if given else None
+
+
+def _check_output_dir(overrides: list[str], multirun: bool) -> None:
+    given = _given_dir(overrides, multirun)
+    target = Path(given or ("multirun" if multirun else "outputs")).absolute()
     probe = target
     while not probe.exists():
         probe = probe.parent
@@ -160,11 +187,22 @@ def validate_overrides(args: Sequence[str]) -> list:
             try:
                 cfg = compose("train", overrides=job)
             except Exception as err:  # Hydra/OmegaConf composition errors
-                raise BnbenchError(describe(err)) from err
+                raise BnbenchError(describe(err, job)) from err
             validate(cfg)
             cfgs.append(cfg)
     GlobalHydra.instance().clear()
     return cfgs
+
+
+def check_fresh_run_dir(args: Sequence[str], cfgs: list) -> None:
+    """A new (not resumed) run refuses a ``hydra.run.dir`` that holds another run: Hydra would
+    overwrite its ``.hydra/`` and the metrics of two runs would mix. (Launcher rank 0 only:
+    other ranks start while rank 0 already writes.)"""
+    overrides, multirun = split_overrides(args)
+    run_dir = None if multirun else _given_dir(overrides, multirun)
+    if run_dir and (Path(run_dir) / "metrics.jsonl").exists() and not cfgs[0].trainer.resume:
+        raise BnbenchError(f"hydra.run.dir={run_dir} already holds a run; trainer.resume=true "
+                           "continues it, or choose another dir")
 
 
 def _train(args: list[str]) -> int:
@@ -173,7 +211,10 @@ def _train(args: list[str]) -> int:
 
     if not any(a in _NO_VALIDATION for a in args):
         try:
-            nprocs = {cfg.dist.nproc for cfg in validate_overrides(args)}
+            cfgs = validate_overrides(args)
+            if D.launch_rank() == 0:
+                check_fresh_run_dir(args, cfgs)
+            nprocs = {cfg.dist.nproc for cfg in cfgs}
             if len(nprocs) > 1:
                 raise BnbenchError("dist.nproc: every job of a sweep must use the same value")
             nproc = nprocs.pop()

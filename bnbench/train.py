@@ -502,6 +502,7 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
     trainer = Trainer(cfg, run_dir)
     summary = trainer.fit()
     if trainer.rank == 0:
-        final = "  ".join(f"{_label(k)} {v:.2f}%" for k, v in summary["final_top1"].items())
+        final = "  ".join(f"{v:.2f}%" if k == "none" else f"{_label(k)} {v:.2f}%"
+                          for k, v in summary["final_top1"].items())  # gn/ln/in: one number
         print(f"final top-1: {final}  ({summary['wall_time_s']:.0f} s)", flush=True)
     return summary

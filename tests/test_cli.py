@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def error_line(capsys) -> str:
         (["+norm=ghost", "norm.nbs=64", "trainer.batch_size=32"],
          "norm.nbs=64 exceeds the per-process batch trainer.batch_size=32"),
         (["norm.freeze_stats=batch"], "norm.freeze_stats=batch: choose one of precise, ema"),
+        (["+norm=ghost", "norm.foo=1"], "unknown key norm.foo; norm=ghost takes: eps, eval_nbs, "
+         "eval_stats, kernel, momentum, nbs, freeze_at_epoch"),
+        (["norm.foo=1"], "unknown key norm.foo; norm=bn takes: eps,"),
     ],
 )
 def test_bad_overrides_are_one_line(args, needle, capsys):
@@ -87,6 +91,18 @@ def test_bad_layer_options_fail_before_the_run_dir_exists(args, needle, tmp_path
     assert cli.main(["train", *args, f"hydra.run.dir={run}"]) == 2
     assert needle in error_line(capsys)
     assert not run.exists()
+
+
+def test_new_run_refuses_a_run_dir_holding_a_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("old run\n")
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert cli.main(["train", f"hydra.run.dir={run}"]) != 0
+    assert "already holds a run; trainer.resume=true continues it" in error_line(capsys)
+    assert (run / ".hydra" / "config.yaml").read_text() == "old run\n"  # untouched
+    args = [f"hydra.run.dir={run}", "trainer.resume=true"]
+    cli.check_fresh_run_dir(args, cli.validate_overrides(args))  # resuming it is fine
 
 
 def test_unknown_command_and_usage(capsys):
@@ -126,7 +142,7 @@ def test_gn_run_end_to_end(tmp_path):
     run = tmp_path / "run"
     summary = _summary(run)
     assert set(summary["final_top1"]) == {"none"}  # GN: one accuracy
-    assert "final top-1: top-1" in out.stdout
+    assert re.search(r"^final top-1: \d+\.\d\d%  \(", out.stdout, re.M), out.stdout
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {e["stats"] for e in events if e["split"] == "val"} == {"none"}
     assert (run / ".hydra" / "config.yaml").exists() and (run / "checkpoints" / "last.pt").exists()

@@ -226,5 +226,11 @@ def validate(cfg: DictConfig) -> None:
     options = norms.check_options(cfg.norm.name, norm_options(cfg.norm))
     entry = norms.spec(cfg.norm.name)
     if entry.prepare is None:  # (SyncBN's needs the process group: checked when it is built)
-        # The layer's own checks (momentum, window, …) before any run directory exists.
-        entry.build(int(options.get("groups") or 64), **options)
+        # The layers' own checks (momentum, window, GN groups vs the model's channels, CBN's
+        # pairing, …) before any run directory exists: the model built on the meta device.
+        import torch
+
+        from bnbench.models import build_model
+
+        with torch.device("meta"):
+            build_model(cfg.model, cfg.norm.name, options, num_classes=10)

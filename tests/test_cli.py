@@ -85,6 +85,8 @@ def test_bad_overrides_are_one_line(args, needle, capsys):
     (["+norm=cbn", "norm.window=0"], "norm.window=0: must be a positive integer"),
     (["+norm=bn", "norm.momentum=1.5"], "norm.momentum=1.5: must be in [0, 1]"),
     (["+norm=ghost", "norm.nbs=0"], "norm.nbs=0: must be a positive integer"),
+    (["+norm=gn", "norm.groups=32", "model.width=0.125"],
+     "norm.groups=32: must divide the 8 channels of every normalized layer"),
 ])
 def test_bad_layer_options_fail_before_the_run_dir_exists(args, needle, tmp_path, capsys):
     run = tmp_path / "run"

@@ -498,3 +498,34 @@ def test_brn_ema_of_std_is_algorithm_1(kernel):
     w, b = layers["std"].weight, layers["std"].bias
     expect = (x - mu[:, None, None]) / sigma[:, None, None] * w[:, None, None] + b[:, None, None]
     torch.testing.assert_close(layers["std"].eval()(x), expect)
+
+
+@pytest.mark.parametrize("cls,opts", [(BatchNorm2d, {"nbs": 2}),
+                                      (BatchRenorm2d, {"rmax": 2.0, "dmax": 1.0,
+                                                       "warmup_iters": 0, "rmax_iters": 0,
+                                                       "dmax_iters": 0})])
+def test_layer_inside_a_compiled_model_matches_eager(cls, opts):
+    """``torch.compile(model)``: outputs, gradients and EMA as eager. (BRN's backward, traced,
+    would recompute r, d from the EMA after this step's update: the layer is not traced.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), cls(4, momentum=0.3, **opts),
+                          nn.ReLU(inplace=True)).double()
+    _affine(model[1])
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.3, 3.0)
+        model[1].num_batches_tracked.fill_(5)
+    x = _x(6, 3, 5, 5)
+    results = []
+    for compiled in (False, True):
+        m = copy.deepcopy(model)
+        f = torch.compile(m) if compiled else m
+        y = f(x)
+        grads = torch.autograd.grad((y * y).sum(), [x, *m.parameters()])
+        results.append((y, grads, m[1].running_mean, m[1].running_var))
+    (y0, g0, rm0, rv0), (y1, g1, rm1, rv1) = results
+    torch.testing.assert_close(y1, y0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(rm1, rm0)
+    torch.testing.assert_close(rv1, rv0)

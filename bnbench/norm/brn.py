@@ -80,8 +80,13 @@ class BatchRenorm2d(BatchNorm2d):
 
     def limits(self) -> tuple[float, float]:
         """Current ``(r_max, d_max)`` as numbers (reads the iteration count back to the host)."""
-        return tuple(float(v) for v in self.schedule.limits(self.num_batches_tracked))
+        dtype = torch.float64 if self.running_var.dtype == torch.float64 else torch.float32
+        return tuple(float(v) for v in self.schedule.limits(self.num_batches_tracked, dtype))
 
+    # Not traced into a compiled model: its backward would recompute r, d from the EMA buffers
+    # after this step's update has changed them (wrong ∂γ and ∂x, seen with torch 2.14);
+    # eagerly, autograd keeps this step's r, d. The layer's own passes are still fused.
+    @torch.compiler.disable
     def _train_forward(self, x: Tensor) -> Tensor:
         if self.rmax == 1.0 and self.dmax == 0.0 and self.ema == "var":  # BN, always
             return super()._train_forward(x)
@@ -120,9 +125,10 @@ class Schedule(NamedTuple):
     dmax: float
     scale: float
 
-    def limits(self, iterations: Tensor) -> tuple[Tensor, Tensor]:
-        """``(r_max, d_max)`` after ``iterations`` (tensor ops, on its device)."""
-        t = iterations.to(torch.float32) / self.scale  # counts are exact up to 2²⁴
+    def limits(self, iterations: Tensor,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``(r_max, d_max)`` after ``iterations`` (tensor ops in ``dtype``, on its device)."""
+        t = iterations.to(dtype) / self.scale  # float32 counts are exact up to 2²⁴
         return (ramp(t, self.warmup_iters, self.rmax_iters, self.rmax, 1.0),
                 ramp(t, self.warmup_iters, self.dmax_iters, self.dmax, 0.0))
 
@@ -134,7 +140,7 @@ def renorm(mean: Tensor, var: Tensor, eps: float, running_mean: Tensor, running_
     limits of the ``schedule`` at ``iterations`` (``num_batches_tracked``)."""
     shape, cd = mean.shape, mean.dtype
     inv_std = torch.rsqrt(running_var.to(cd).view(shape) + eps)
-    rmax, dmax = (t.to(cd) for t in schedule.limits(iterations))
+    rmax, dmax = schedule.limits(iterations, cd)
     r = torch.clamp(torch.sqrt(var + eps) * inv_std, 1.0 / rmax, rmax)
     d = torch.clamp((mean - running_mean.to(cd).view(shape)) * inv_std, -dmax, dmax)
     return Normalization(mean, var, gain=r, offset=d)

@@ -382,6 +382,9 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         finally:
             self._pending.clear()
 
+    # Not traced into a compiled model (as BRN): the step reads history buffers that it then
+    # updates, and a traced backward may recompute from the updated ones.
+    @torch.compiler.disable
     def _train_forward(self, x: Tensor) -> Tensor:
         # The burn-in reads the iteration count back (a device sync) only when there is one.
         if self.window == 1 or (self.burnin and int(self.num_batches_tracked) < self.burnin):

@@ -177,7 +177,9 @@ def convert(model: nn.Module, name: str, **options: Any) -> nn.Module:
 
     Affine parameters, population statistics and, unless given in ``options``, ``eps`` and the
     EMA ``momentum`` are copied where both layers have them, so converting a trained BN model to
-    ``frozen`` keeps its function. Returns ``model``.
+    ``frozen`` keeps its function. ``num_batches_tracked`` is copied too: BRN's schedules and
+    CBN's burn-in count from it, so a converted trained model starts past them (a fresh model
+    at 0). Returns ``model``.
     """
     factory, entry = make(name, **options), spec(name)
     swaps = []  # every new layer is built before the model changes (a bad option: untouched)

@@ -121,6 +121,7 @@ def test_unknown_command_and_usage(capsys):
         ["+norm=brn"],
         ["+norm=syncbn"],
         ["+norm=frozen"],
+        ["+norm=naive_cbn"],  # a variant with fixed options (rho = 0)
     ],
 )
 def test_documented_forms_compose(args):

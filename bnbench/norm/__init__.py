@@ -151,7 +151,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         raise BnbenchError(
             f"norm={name}: {clash[0]} is fixed to {entry.fixed[clash[0]]!r} for this variant"
         )
-    unknown = sorted(set(given) - entry.options)
+    unknown = sorted(set(given) - entry.options - set(entry.fixed))  # idempotent
     if unknown:
         raise BnbenchError(
             f"norm={name}: unknown option {unknown[0]}; valid options: "

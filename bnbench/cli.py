@@ -90,24 +90,34 @@ def _valid_keys(full_key: str) -> list[str]:
 
 
 def _chosen_norm(job: Sequence[str]) -> str | None:
-    """The variant a job's overrides select (``+norm=X``, ``norm=X`` or ``norm.name=X``)."""
-    name = None
+    """The variant a job's overrides select: ``norm.name=X`` (a value: it wins over the group),
+    else the last ``+norm=X``/``norm=X``."""
+    picks: dict[str, str] = {}
     for override in job:
         key, _, value = override.lstrip("+~").partition("=")
         if key in ("norm", "norm.name"):
-            name = value
-    return name
+            picks[key] = value
+    return picks.get("norm.name", picks.get("norm"))
+
+
+def _run_keys(options: frozenset[str]) -> list[str]:
+    """The trainer's ``norm.*`` keys that apply to a variant with these layer options."""
+    keys = ["burnin_epochs"] if "burnin" in options else []
+    if "momentum" in options:  # BN family: the FrozenBN switch
+        keys += ["freeze_at_epoch", "freeze_stats", "freeze_warmup_epochs"]
+    return keys + (["scale_schedule"] if "schedule_scale" in options else [])
 
 
 def _unknown_key(key: str, job: Sequence[str]) -> str:
     from bnbench import norm
-    from bnbench.config import RUN_KEYS, NormConfig
+    from bnbench.config import NormConfig
 
     name = None
     if key.startswith("norm.") and key.count(".") == 1:
         name = _chosen_norm(job) or NormConfig.name
     if name in norm.NORMS:  # the variant's own options, not every variant's
-        keys = [*sorted(norm.spec(name).options), *(k for k in RUN_KEYS if k != "name")]
+        options = norm.spec(name).options
+        keys = [*sorted(options), *_run_keys(options)]
         return f"unknown key {key}; norm={name} takes: {', '.join(keys)}"
     return f"unknown key {key}; valid keys here: {', '.join(_valid_keys(key))}"
 
@@ -141,7 +151,11 @@ def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    mine = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    def kept(override: str) -> bool:  # the run dir is composed too (check_fresh_run_dir)
+        key = override.lstrip("+~").split("=", 1)[0]
+        return not key.startswith("hydra") or key == "hydra.run.dir"
+
+    mine = [o for o in overrides if kept(o)]
     if not multirun:
         return [mine]
     parsed = OverridesParser.create().parse_overrides(mine)
@@ -185,7 +199,7 @@ def validate_overrides(args: Sequence[str]) -> list:
     with initialize_config_module("bnbench.configs", version_base="1.3"):
         for job in jobs:
             try:
-                cfg = compose("train", overrides=job)
+                cfg = compose("train", overrides=job, return_hydra_config=True)
             except Exception as err:  # Hydra/OmegaConf composition errors
                 raise BnbenchError(describe(err, job)) from err
             validate(cfg)
@@ -195,11 +209,15 @@ def validate_overrides(args: Sequence[str]) -> list:
 
 
 def check_fresh_run_dir(args: Sequence[str], cfgs: list) -> None:
-    """A new (not resumed) run refuses a ``hydra.run.dir`` that holds another run: Hydra would
-    overwrite its ``.hydra/`` and the metrics of two runs would mix. (Launcher rank 0 only:
-    other ranks start while rank 0 already writes.)"""
-    overrides, multirun = split_overrides(args)
-    run_dir = None if multirun else _given_dir(overrides, multirun)
+    """A new (not resumed) run refuses a run dir that holds another run: Hydra would overwrite
+    its ``.hydra/`` and the metrics of two runs would mix. The dir is the composed
+    ``hydra.run.dir`` (``++``, quotes, interpolations, config files). Every rank checks: no
+    rank writes before all have joined the process group. Sweeps are not checked."""
+    from omegaconf import OmegaConf
+
+    if split_overrides(args)[1] or not cfgs:
+        return
+    run_dir = OmegaConf.select(cfgs[0], "hydra.run.dir")
     if run_dir and (Path(run_dir) / "metrics.jsonl").exists() and not cfgs[0].trainer.resume:
         raise BnbenchError(f"hydra.run.dir={run_dir} already holds a run; trainer.resume=true "
                            "continues it, or choose another dir")
@@ -212,8 +230,7 @@ def _train(args: list[str]) -> int:
     if not any(a in _NO_VALIDATION for a in args):
         try:
             cfgs = validate_overrides(args)
-            if D.launch_rank() == 0:
-                check_fresh_run_dir(args, cfgs)
+            check_fresh_run_dir(args, cfgs)
             nprocs = {cfg.dist.nproc for cfg in cfgs}
             if len(nprocs) > 1:
                 raise BnbenchError("dist.nproc: every job of a sweep must use the same value")

@@ -181,6 +181,31 @@ def norm_options(norm: Any) -> dict[str, Any]:
     return {k: v for k, v in items.items() if k not in RUN_KEYS and v is not None}
 
 
+def layer_options(cfg: Any, iters_per_epoch: int) -> dict[str, Any]:
+    """The norm layers' options of a run: :func:`norm_options` plus the trainer's schedules in
+    epochs turned into iterations (CBN burn-in, BRN schedules fit to the run) and the inference
+    NBS of mini-batch statistics."""
+    options = norm_options(cfg.norm)
+    if options.get("eval_stats", "batch" if cfg.norm.name == "batch_eval" else None) == "batch":
+        # Mini-batch statistics at inference default to the training normalization batch.
+        options.setdefault("eval_nbs", options.get("nbs") or cfg.trainer.batch_size)
+    if cfg.norm.burnin_epochs is not None and "burnin" not in options:
+        from bnbench import norm as norms
+
+        if "burnin" not in norms.spec(cfg.norm.name).options:
+            raise BnbenchError(f"norm.burnin_epochs: norm={cfg.norm.name} has no burn-in "
+                               "(cbn, naive_cbn do)")
+        options["burnin"] = round(cfg.norm.burnin_epochs * iters_per_epoch)
+    if cfg.norm.name == "brn" and cfg.norm.scale_schedule and "schedule_scale" not in options:
+        # Our choice: the r_max ramp ends at half of the run (BRN paper: 40k iterations).
+        rmax_iters = options.get("rmax_iters", 40000)
+        if rmax_iters <= 0:
+            raise BnbenchError(f"norm.rmax_iters={rmax_iters}: must be positive with "
+                               "norm.scale_schedule=true")
+        options["schedule_scale"] = 0.5 * cfg.trainer.epochs * iters_per_epoch / rmax_iters
+    return options
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that the schema's types cannot express; raises :class:`BnbenchError`."""
     from bnbench import norm as norms
@@ -223,7 +248,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.norm.freeze_warmup_epochs < 0:
         raise BnbenchError("norm.freeze_warmup_epochs must be ≥ 0")
-    options = norms.check_options(cfg.norm.name, norm_options(cfg.norm))
+    options = norms.check_options(cfg.norm.name, layer_options(cfg, iters_per_epoch=1))
     entry = norms.spec(cfg.norm.name)
     if entry.prepare is None:  # (SyncBN's needs the process group: checked when it is built)
         # The layers' own checks (momentum, window, GN groups vs the model's channels, CBN's

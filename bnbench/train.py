@@ -21,7 +21,7 @@ from torch import nn
 
 from bnbench import checkpoint as ckpt
 from bnbench import distributed as D
-from bnbench.config import norm_options
+from bnbench.config import layer_options
 from bnbench.data import build_dataset
 from bnbench.errors import BnbenchError
 from bnbench.evaluate import evaluate, sync_population_stats
@@ -105,21 +105,6 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda", D.local_rank())
 
 
-def _norm_options(cfg: DictConfig, iters_per_epoch: int) -> dict[str, Any]:
-    """Layer options, with schedules given in epochs turned into iterations."""
-    options = norm_options(cfg.norm)
-    if options.get("eval_stats", "batch" if cfg.norm.name == "batch_eval" else None) == "batch":
-        # Mini-batch statistics at inference default to the training normalization batch.
-        options.setdefault("eval_nbs", options.get("nbs") or cfg.trainer.batch_size)
-    if cfg.norm.burnin_epochs is not None and "burnin" not in options:
-        options["burnin"] = round(cfg.norm.burnin_epochs * iters_per_epoch)
-    if cfg.norm.name == "brn" and cfg.norm.scale_schedule and "schedule_scale" not in options:
-        # Our choice: the r_max ramp ends at half of the run (BRN paper: 40k iterations).
-        rmax_iters = options.get("rmax_iters", 40000)
-        options["schedule_scale"] = 0.5 * cfg.trainer.epochs * iters_per_epoch / rmax_iters
-    return options
-
-
 def _stats_kinds(model: nn.Module, precise: bool) -> list[str]:
     layers = bn_layers(model)
     if not layers:
@@ -155,7 +140,7 @@ class Trainer:
         model = build_model(
             cfg.model,
             cfg.norm.name,
-            _norm_options(cfg, self.iters_per_epoch),
+            layer_options(cfg, self.iters_per_epoch),
             self.data.num_classes,
         ).to(self.device)
         if t.float64:

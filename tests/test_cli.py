@@ -87,6 +87,9 @@ def test_bad_overrides_are_one_line(args, needle, capsys):
     (["+norm=ghost", "norm.nbs=0"], "norm.nbs=0: must be a positive integer"),
     (["+norm=gn", "norm.groups=32", "model.width=0.125"],
      "norm.groups=32: must divide the 8 channels of every normalized layer"),
+    (["+norm=cbn", "norm.burnin_epochs=-1"], "norm.burnin=-1: must be a non-negative integer"),
+    (["+norm=brn", "norm.rmax_iters=0"], "norm.rmax_iters=0: must be positive"),
+    (["+norm=ghost", "norm.burnin_epochs=1"], "norm.burnin_epochs: norm=ghost has no burn-in"),
 ])
 def test_bad_layer_options_fail_before_the_run_dir_exists(args, needle, tmp_path, capsys):
     run = tmp_path / "run"
@@ -100,8 +103,9 @@ def test_new_run_refuses_a_run_dir_holding_a_run(tmp_path, capsys):
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("old run\n")
     (run / "metrics.jsonl").write_text("{}\n")
-    assert cli.main(["train", f"hydra.run.dir={run}"]) != 0
-    assert "already holds a run; trainer.resume=true continues it" in error_line(capsys)
+    for given in (f"hydra.run.dir={run}", f"++hydra.run.dir={run}", f"hydra.run.dir='{run}'"):
+        assert cli.main(["train", given]) != 0
+        assert "already holds a run; trainer.resume=true continues it" in error_line(capsys)
     assert (run / ".hydra" / "config.yaml").read_text() == "old run\n"  # untouched
     args = [f"hydra.run.dir={run}", "trainer.resume=true"]
     cli.check_fresh_run_dir(args, cli.validate_overrides(args))  # resuming it is fine

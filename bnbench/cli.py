@@ -135,6 +135,9 @@ def describe(err: BaseException, job: Sequence[str] = ()) -> str:
     cause = _root_cause(err)
     key = getattr(cause, "full_key", None)
     override = re.match(r"Could not override '([^']+)'", str(err))
+    append = re.search(r"To append to your default list use (\S+)", str(err))
+    if override and append:  # a group that is not in the defaults list (norm)
+        return f"{override.group(1)}: not a default group here; use {append.group(1)}"
     if override and not isinstance(cause, ValidationError):
         return _unknown_key(override.group(1), job)
     if isinstance(cause, ConfigKeyError) and key:

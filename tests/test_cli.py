@@ -74,6 +74,7 @@ def error_line(capsys) -> str:
         (["+norm=ghost", "norm.foo=1"], "unknown key norm.foo; norm=ghost takes: eps, eval_nbs, "
          "eval_stats, kernel, momentum, nbs, freeze_at_epoch"),
         (["norm.foo=1"], "unknown key norm.foo; norm=bn takes: eps,"),
+        (["norm=cbn"], "norm: not a default group here; use +norm=cbn"),
     ],
 )
 def test_bad_overrides_are_one_line(args, needle, capsys):

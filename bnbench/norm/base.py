@@ -98,9 +98,8 @@ class _BatchStatsNorm(torch.autograd.Function):
         ∂x = γ r s (∂y − (Σ∂y + x̂ Σ(∂y x̂)) / (count·M))
         ∂γ = Σ_g (r Σ(∂y x̂) + d Σ∂y),   ∂β = Σ_g Σ∂y.
 
-    The passes over the data are :mod:`bnbench.norm.kernels` (eager or fused). Returns ``y`` (shape
-    of ``x``) and the biased batch statistics ``(mean, var)`` ``(G, C)`` (no
-    gradient).
+    The passes over the data are :mod:`bnbench.norm.kernels` (eager or fused). Returns ``y``
+    (shape of ``x``) and the biased batch statistics ``(mean, var)`` ``(G, C)`` (no gradient).
     """
 
     @staticmethod

@@ -394,13 +394,14 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         cd = torch.float64 if self.hist_mean.dtype == torch.float64 else torch.float32
         with _no_autocast(x.device):
             weight, bias = self._affine()
+            jacobians = self._jacobian_args(cd)
             y, mean, var, counts = grouped_batch_norm(
                 x, weight, bias, x.shape[0], self.eps, self._kernels(x), compensated_window,
                 self.hist_mean, self.hist_var, self.hist_state, self.neg_var == "drop",
-                self.rho, *self._jacobian_args(cd))
+                self.rho, *jacobians)
             self._update_population(mean, var, counts)  # from the current batch, as BN
             with torch.no_grad():
-                self._push(mean[0], var[0], conv_input, x, cd)
+                self._push(mean[0], var[0], conv_input, x, cd, jacobians[:2])
         return y
 
     def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -431,15 +432,16 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         return tuple(t[:length] for t in entries)
 
     def _push(self, mean: Tensor, var: Tensor, conv_input: Tensor | None, y: Tensor,
-              cd: torch.dtype) -> None:
-        """Store the current iteration in ring slot ``hist_state[1]`` (indexed on the device)."""
+              cd: torch.dtype, weights: tuple[Tensor, ...]) -> None:
+        """Store the current iteration in ring slot ``hist_state[1]`` (indexed on the device);
+        ``weights``: the conv's ``(W, b)`` from :meth:`_weights` (empty for naive CBN)."""
         k1 = self.window - 1
         pos = self.hist_state[1:]
         self.hist_mean.index_copy_(0, pos, mean[None].to(self.hist_mean.dtype))
         self.hist_var.index_copy_(0, pos, var[None].to(self.hist_var.dtype))
         if self._needs_jacobians():
             dmean, dvar = self.jacobians(conv_input, y, cd, mean=mean)
-            w, b = self._weights(cd)
+            w, b = weights
             mean_ref = _group_dot(w, dmean[None], self._paired_conv.groups)[0] + b  # e_μ
             self.hist_dmean.index_copy_(0, pos, dmean[None])
             self.hist_dmean_ref.index_copy_(0, pos, mean_ref[None])

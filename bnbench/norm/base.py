@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.kernels import EAGER, Kernels, Transform, check_kernel, select
+from bnbench.norm.kernels import EAGER, Ema, Kernels, Transform, check_kernel, ema_step, select
 
 #: ``observer(layer, slot, mean, var, count)``: PreciseBN's hook, called with the biased batch
 #: mean and variance (shape ``(C,)``) of ``count`` elements per channel.
@@ -104,11 +104,12 @@ class _BatchStatsNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
-                eps: float, kernels: Kernels, transform: Transform | None, *args: Tensor):
+                eps: float, kernels: Kernels, ema: Ema | None, transform: Transform | None,
+                *args: Tensor):
         xv = x.view(groups, x.shape[0] // groups, x.shape[1], -1)
         # Plain tensors, not Parameters: torch.compile keeps Parameter shapes static.
         w, b = (None if t is None else t.detach() for t in (weight, bias))
-        y, mean, var, *saved = kernels.forward(xv, w, b, eps, transform, *args)
+        y, mean, var, *saved = kernels.forward(xv, w, b, eps, ema, transform, *args)
         ctx.save_for_backward(x, w, *saved)
         ctx.kernels, ctx.groups, ctx.n_args = kernels, groups, len(args)
         mean, var = mean.view(groups, -1), var.view(groups, -1)
@@ -122,7 +123,7 @@ class _BatchStatsNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward uses forward constants: no double backward
     def backward(ctx, grad_y: Tensor | None, _gm: Tensor | None, _gv: Tensor | None):
-        nones = (None,) * (4 + ctx.n_args)  # groups, eps, kernels, transform, *args
+        nones = (None,) * (5 + ctx.n_args)  # groups, eps, kernels, ema, transform, *args
         if grad_y is None:
             return None, None, None, *nones
         x, weight, *saved = ctx.saved_tensors
@@ -142,14 +143,16 @@ def grouped_batch_norm(
     kernels: Kernels = EAGER,
     transform: Transform | None = None,
     *args: Tensor,
+    ema: Ema | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Normalize each contiguous group of ``nbs`` samples with its own statistics.
 
     Returns ``(y, mean, var, counts)``: group statistics ``(G, C)`` (biased, no gradient) and the
     number of elements per channel of each group. A remainder of ``N mod nbs`` samples is its
     own, smaller group. ``transform(mean, var, eps, *args)`` (BRN, CBN) maps the statistics to
-    the normalization (:class:`~bnbench.norm.kernels.Normalization`).
-    Statistics and normalization are fp32 for fp16/bf16 inputs.
+    the normalization (:class:`~bnbench.norm.kernels.Normalization`); ``ema`` is the training
+    step's population update (:func:`update_population`; fused into the pass when the groups
+    are equal). Statistics and normalization are fp32 for fp16/bf16 inputs.
     """
     dtype = x.dtype
     if dtype in (torch.float16, torch.bfloat16):  # statistics and normalization in fp32
@@ -158,19 +161,42 @@ def grouped_batch_norm(
         bias = bias.float() if bias is not None else None
     n, length = x.shape[0], math.prod(x.shape[2:])
     groups, rest = divmod(n, nbs)
-    def apply(part: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
-        return _BatchStatsNorm.apply(part, weight, bias, groups, eps, kernels, transform, *args)
+    def apply(part: Tensor, groups: int, ema: Ema | None) -> tuple[Tensor, Tensor, Tensor]:
+        return _BatchStatsNorm.apply(part, weight, bias, groups, eps, kernels, ema, transform,
+                                     *args)
 
     x = x.contiguous()
     if rest == 0:
-        y, mean, var = apply(x, groups)
+        y, mean, var = apply(x, groups, ema)
         return y.to(dtype), mean, var, [nbs * length] * groups
     parts = [(x[: n - rest], groups)] if groups else []
     parts.append((x[n - rest :], 1))
-    outs = [apply(part, g) for part, g in parts]
+    outs = [apply(part, g, None) for part, g in parts]
     y = torch.cat([out[0] for out in outs])
     counts = [nbs * length] * groups + [rest * length]
-    return y.to(dtype), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]), counts
+    mean, var = torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])
+    if ema is not None:
+        update_population(ema, mean, var, counts, eps)
+    return y.to(dtype), mean, var, counts
+
+
+@torch.no_grad()
+def update_population(ema: Ema, mean: Tensor, var: Tensor, counts: Sequence[int],
+                      eps: float) -> None:
+    """The :class:`~bnbench.norm.kernels.Ema` step from group statistics ``(G, C)`` (biased) of
+    ``counts[g]`` elements per channel: count-weighted means of the group means, of the biased
+    variances and of the unbiased ones ``σ²_g · c_g/(c_g − 1)``."""
+    counts = [int(c) for c in counts]
+    if len(set(counts)) == 1:  # equal groups (the usual case): plain means, fewer ops
+        c = counts[0]
+        batch_mean, batch_var = mean.mean(0), var.mean(0)
+        ema_step(ema, batch_mean, batch_var, batch_var * (c / max(c - 1, 1)), eps)
+        return
+    total = sum(counts)
+    w = torch.tensor([c / total for c in counts], dtype=mean.dtype, device=mean.device)
+    bessel = torch.tensor([c / max(c - 1, 1) for c in counts], dtype=mean.dtype,
+                          device=mean.device)
+    ema_step(ema, w @ mean, w @ var, (w * bessel) @ var, eps)
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -345,10 +371,8 @@ class BatchNorm2d(nn.BatchNorm2d):
                 x, running_mean, running_var, weight, bias, True, self.momentum, self.eps
             )
         self._check_group_size(x, min(nbs, x.shape[0] % nbs or nbs))
-        y, mean, var, counts = grouped_batch_norm(x, weight, bias, nbs, self.eps,
-                                                  self._kernels(x))
-        if update:
-            self._update_population(mean, var, counts)
+        y, *_ = grouped_batch_norm(x, weight, bias, nbs, self.eps, self._kernels(x),
+                                   ema=self._ema() if update else None)
         return y
 
     def _sync_forward(
@@ -408,27 +432,15 @@ class BatchNorm2d(nn.BatchNorm2d):
             x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, self.eps
         )
 
-    @torch.no_grad()
-    def _update_population(self, mean: Tensor, var: Tensor, counts: Sequence[int]) -> None:
-        """EMA update from group statistics ``(G, C)`` of ``counts[g]`` elements per channel:
-        count-weighted, with the unbiased variance ``σ² · c/(c − 1)``."""
-        counts = [int(c) for c in counts]
+    def _ema(self) -> Ema:
+        """This layer's population update in a training step (BN's rule)."""
         running_mean, running_var = self._population()
-        if len(set(counts)) == 1:  # equal groups (the usual case): plain means, fewer ops
-            c = counts[0]
-            batch_mean = mean.mean(0)
-            batch_var = var.mean(0) * (c / max(c - 1, 1))
-        else:
-            total = sum(counts)
-            w = torch.tensor([c / total for c in counts], dtype=mean.dtype, device=mean.device)
-            bessel = torch.tensor(
-                [c / max(c - 1, 1) for c in counts], dtype=mean.dtype, device=mean.device
-            )
-            batch_mean = w @ mean
-            batch_var = (w * bessel) @ var
-        running_mean.lerp_(batch_mean.to(running_mean.dtype), self.momentum)
-        running_var.lerp_(batch_var.to(running_var.dtype), self.momentum)
-        self.num_batches_tracked.add_(1)
+        return Ema(running_mean, running_var, self.num_batches_tracked, self.momentum)
+
+    def _update_population(self, mean: Tensor, var: Tensor, counts: Sequence[int]) -> None:
+        """EMA update from group statistics ``(G, C)`` of ``counts[g]`` elements per channel
+        (:func:`update_population`)."""
+        update_population(self._ema(), mean, var, counts, self.eps)
 
     def _check_group_size(self, x: Tensor, samples: int) -> None:
         count = samples * math.prod(x.shape[2:]) if x.shape[0] else 0

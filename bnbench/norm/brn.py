@@ -28,7 +28,7 @@ from torch import Tensor
 
 from bnbench.errors import BnbenchError
 from bnbench.norm.base import BatchNorm2d, grouped_batch_norm
-from bnbench.norm.kernels import Normalization
+from bnbench.norm.kernels import Ema, Normalization
 
 EMA = ("std", "var")
 
@@ -94,22 +94,14 @@ class BatchRenorm2d(BatchNorm2d):
         # on: the limits are computed in the fused forward, nothing is read back to the host.
         self._check_group_size(x, x.shape[0])
         # One group (the whole batch): r and d are constants for autograd in there.
-        y, mean, var, counts = grouped_batch_norm(
+        y, *_ = grouped_batch_norm(
             x, self.weight, self.bias, x.shape[0], self.eps, self._kernels(x), renorm,
-            self.running_mean, self.running_var, self.num_batches_tracked, self.schedule)
-        self._update_population(mean, var, counts)
+            self.running_mean, self.running_var, self.num_batches_tracked, self.schedule,
+            ema=self._ema())
         return y
 
-    @torch.no_grad()
-    def _update_population(self, mean: Tensor, var: Tensor, counts) -> None:
-        if self.ema == "var":
-            return super()._update_population(mean, var, counts)
-        # BRN Algorithm 1 on σ = sqrt(σ² + ε); one group (the whole batch).
-        sigma = (self.running_var.to(var.dtype) + self.eps).sqrt_()
-        sigma.lerp_((var[0] + self.eps).sqrt_(), self.momentum)
-        self.running_var.copy_((sigma * sigma - self.eps).clamp_min_(0))
-        self.running_mean.lerp_(mean[0].to(self.running_mean.dtype), self.momentum)
-        self.num_batches_tracked.add_(1)
+    def _ema(self) -> Ema:
+        return super()._ema()._replace(rule=self.ema)  # "std": BRN Algorithm 1 on σ
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rmax={self.rmax:g}, dmax={self.dmax:g}, ema={self.ema}"

@@ -395,11 +395,11 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         with _no_autocast(x.device):
             weight, bias = self._affine()
             jacobians = self._jacobian_args(cd)
-            y, mean, var, counts = grouped_batch_norm(
+            # The EMA from the current batch, as BN.
+            y, mean, var, _ = grouped_batch_norm(
                 x, weight, bias, x.shape[0], self.eps, self._kernels(x), compensated_window,
                 self.hist_mean, self.hist_var, self.hist_state, self.neg_var == "drop",
-                self.rho, *jacobians)
-            self._update_population(mean, var, counts)  # from the current batch, as BN
+                self.rho, *jacobians, ema=self._ema())
             with torch.no_grad():
                 self._push(mean[0], var[0], conv_input, x, cd, jacobians[:2])
         return y

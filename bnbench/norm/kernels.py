@@ -7,7 +7,8 @@ functions, written once in plain tensor ops:
 * :func:`moments` — mean and biased variance over ``(n, L)``, two passes (``Σ (x − μ)²`` on the
   centered tensor, so nothing cancels when ``|μ| ≫ σ``);
 * :func:`forward` — the moments, a variant's :class:`Normalization` of them (BN: themselves;
-  BRN's r/d; CBN's window) and ``y = γ (r x̂ + d) + β``;
+  BRN's r/d; CBN's window), ``y = γ (r x̂ + d) + β`` and, in a training step, the
+  population EMA (:class:`Ema`, in place on the layer's buffers: no eager ops after the pass);
 * :func:`backward` — BN's training backward per group with weight ``γ r`` and an effective count
   ``count·M`` per ``(g, c)``: ``∂x = γ r s (∂y − (Σ∂y + x̂ Σ(∂y x̂)) / (count·M))``.
 
@@ -77,6 +78,36 @@ class Normalization(NamedTuple):
     count: Tensor | None = None
 
 
+class Ema(NamedTuple):
+    """A training step's update of the population statistics (buffers, updated in place):
+
+    * ``rule="var"`` (BN): ``μ ← (1 − m) μ + m μ_B``, ``σ² ← (1 − m) σ² + m σ²_B·M/(M − 1)``
+      (PyTorch's EMA of the unbiased variance; ``m`` = ``momentum``, the paper's λ = 1 − m);
+    * ``rule="std"`` (Batch Renormalization, Algorithm 1): the same on ``μ`` and on
+      ``σ = sqrt(σ² + ε)``, stored as ``σ² − ε``;
+
+    and ``tracked`` (``num_batches_tracked``) += 1.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+    tracked: Tensor
+    momentum: float
+    rule: str = "var"
+
+
+def ema_step(ema: Ema, mean: Tensor, var: Tensor, unbiased: Tensor, eps: float) -> None:
+    """One :class:`Ema` step from the batch mean, biased and unbiased variance ``(C,)``."""
+    rm, rv = ema.running_mean, ema.running_var
+    rm.lerp_(mean.to(rm.dtype), ema.momentum)
+    if ema.rule == "var":
+        rv.lerp_(unbiased.to(rv.dtype), ema.momentum)
+    else:
+        sigma = torch.lerp((rv.to(var.dtype) + eps).sqrt(), (var + eps).sqrt(), ema.momentum)
+        rv.copy_((sigma * sigma - eps).clamp_min(0))
+    ema.tracked.add_(1)
+
+
 #: ``transform(mean, var, eps, *args) -> Normalization`` from the batch statistics: a pure
 #: module-level function (it runs inside the fused forward), its arguments tensors or Python
 #: constants (a bool or float is specialized: one compiled graph per value).
@@ -96,12 +127,17 @@ def _channels(t: Tensor | None) -> Tensor | None:
 
 
 def forward(xv: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-            transform: Transform | None, *args: Tensor):
+            ema: Ema | None, transform: Transform | None, *args: Tensor):
     """``y = (x − center)·a + b`` (centered first: exact when ``|μ| ≫ σ``) with the
-    :class:`Normalization` of the batch statistics. Returns ``y``, the biased statistics and
-    what :func:`backward` needs."""
+    :class:`Normalization` of the batch statistics, then the ``ema`` step from the groups'
+    average statistics (after ``transform``: BRN reads the EMA before this batch's update).
+    Returns ``y``, the biased statistics and what :func:`backward` needs."""
     mean, var = moments(xv)
     norm = transform(mean, var, eps, *args) if transform is not None else Normalization(mean, var)
+    m = xv.shape[1] * xv.shape[3]
+    if ema is not None:  # equal groups: the EMA of their plain averages
+        mean_b, var_b = mean.mean(0).view(-1), var.mean(0).view(-1)
+        ema_step(ema, mean_b, var_b, var_b * (m / max(m - 1, 1)), eps)
     invstd = torch.rsqrt(norm.var + eps)
     scale = invstd if norm.gain is None else invstd * norm.gain
     shift = torch.zeros_like(scale)
@@ -112,7 +148,6 @@ def forward(xv: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
     if weight is not None:
         scale = scale * _channels(weight)
     y = (xv - norm.center).mul_(scale).add_(shift)  # in place: one temporary when eager
-    m = xv.shape[1] * xv.shape[3]
     inv_m = 1.0 / (m if norm.count is None else norm.count * m) * torch.ones_like(invstd)
     return y, mean, var, norm.center, invstd, norm.gain, norm.offset, inv_m
 

@@ -69,7 +69,8 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 #: The default variant list (``name`` or ``name:key=value:…``), in table order.
 DEFAULT_VARIANTS = ("bn", "ghost", "ghost:nbs=2", "ghost:kernel=eager", "syncbn", "frozen",
                     "batch_eval", "brn", "brn:kernel=eager", "gn", "ln", "in", "cbn",
-                    "cbn:jacobian_dtype=bfloat16", "cbn:kernel=eager", "naive_cbn", "domain")
+                    "cbn:jacobian_dtype=bfloat16", "cbn:kernel=eager", "naive_cbn", "cbn_floor",
+                    "cbn_official_jac", "domain")
 #: The issue's targets: (measurement, largest ratio).
 TARGETS: dict[str, tuple[str, float]] = {
     "ghost": ("layer", 1.2),
@@ -77,6 +78,14 @@ TARGETS: dict[str, tuple[str, float]] = {
     "syncbn": ("layer", 1.1),
     "brn": ("layer", 1.5),
     "cbn": ("step", 1.3),
+}
+#: Cost references for CBN (step only): the BN model plus the Jacobian work of an exact CBN
+#: and nothing else (no statistics are changed: the rows time work, they are not layers).
+REFERENCES = {
+    "cbn_floor": "cost reference: BN + one weight-gradient conv per conv (∂σ²/∂W, the notes' "
+                 "method): the least extra work of an exact CBN",
+    "cbn_official_jac": "cost reference: BN + the official CBN's Jacobians, two autograd.grad "
+                        "passes per conv (∂μ/∂W, ∂ν/∂W)",
 }
 NOTES = {
     "bn": "bnbench's BatchNorm2d: ≈ 1 expected",
@@ -212,8 +221,9 @@ def parse_variants(text: str | None) -> list[Variant]:
     from bnbench import norm
 
     if text is None:  # the defaults that this checkout's registry has
-        items = [v for v in DEFAULT_VARIANTS if v.split(":")[0] in norm.NORMS]
-        missing = [v for v in DEFAULT_VARIANTS if v.split(":")[0] not in norm.NORMS]
+        known = {*norm.NORMS, *REFERENCES}
+        items = [v for v in DEFAULT_VARIANTS if v.split(":")[0] in known]
+        missing = [v for v in DEFAULT_VARIANTS if v.split(":")[0] not in known]
         if missing:
             _log(f"bnbench bench: skipping {', '.join(missing)}: not in the registry")
     else:
@@ -223,9 +233,14 @@ def parse_variants(text: str | None) -> list[Variant]:
         if not item:
             raise BnbenchError(f"--variants {text!r}: empty variant name")
         name, *pairs = item.split(":")
+        if name in REFERENCES and not pairs:
+            variants.append(Variant(item, name, {}))
+            continue
+        if name in REFERENCES:
+            raise BnbenchError(f"--variants: {item!r}: {name} takes no options")
         if name not in norm.NORMS:
             raise BnbenchError(f"--variants: unknown variant {name!r}; choose from "
-                               f"{', '.join(norm.NORMS)}")
+                               f"{', '.join([*norm.NORMS, *REFERENCES])}")
         options = dict(DEFAULT_OPTIONS.get(name, {}))
         for pair in pairs:
             key, sep, value = pair.partition("=")
@@ -424,7 +439,35 @@ def state_note(module: nn.Module) -> str:
 def convert_variant(module: nn.Module, variant: Variant) -> nn.Module:
     from bnbench import norm
 
+    if variant.name in REFERENCES:
+        return with_jacobian_work(module, variant.name)
     return norm.convert(module, variant.name, **variant.options)
+
+
+def with_jacobian_work(model: nn.Module, kind: str) -> nn.Module:
+    """``model`` (BN) with the Jacobian work of a CBN layer after every conv, results unused:
+    ``"cbn_floor"`` one weight-gradient conv for ``∂y = y`` (the cost of ``∂σ²/∂W``),
+    ``"cbn_official_jac"`` the official code's ``torch.autograd.grad`` of the per-channel
+    ``μ = E[y]`` and ``ν = E[y²]`` w.r.t. the conv weight (``grad_outputs`` = ones)."""
+    from torch.nn.grad import conv2d_weight
+
+    def floor(conv: nn.Conv2d, args: tuple, y: Tensor) -> None:
+        with torch.no_grad():
+            conv2d_weight(args[0], conv.weight.shape, y, conv.stride, conv.padding,
+                          conv.dilation, conv.groups)
+
+    def official(conv: nn.Conv2d, args: tuple, y: Tensor) -> None:
+        if not (torch.is_grad_enabled() and y.requires_grad):
+            return
+        mean, sq = y.mean((0, 2, 3)), (y * y).mean((0, 2, 3))
+        ones = torch.ones_like(mean)
+        for stat in (mean, sq):
+            torch.autograd.grad(stat, conv.weight, ones, retain_graph=True)
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(floor if kind == "cbn_floor" else official)
+    return model
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -488,7 +531,8 @@ def model_cases(variant: Variant, args: argparse.Namespace, device: torch.device
     var_model = convert_variant(copy.deepcopy(base), variant).to(device).train()
     prime(var_model)
     converted = sum(type(m) is not nn.BatchNorm2d for m in var_model.modules() if _is_norm(m))
-    if converted != sum(isinstance(m, nn.BatchNorm2d) for m in base.modules()):
+    if (variant.name not in REFERENCES
+            and converted != sum(isinstance(m, nn.BatchNorm2d) for m in base.modules())):
         raise BnbenchError(f"{variant.label}: convert left plain nn.BatchNorm2d layers")
     losses: dict[int, Tensor] = {}
 
@@ -563,12 +607,14 @@ def run_bench(args: argparse.Namespace, variants: list[Variant], device: torch.d
                                    "notes": []}
             if variant.name in NOTES:
                 row["notes"].append(NOTES[variant.name])
+            if variant.name in REFERENCES:
+                row["notes"].append(REFERENCES[variant.name])
             if variant.name == "syncbn" and sync_note:
                 row["notes"].append(sync_note)
             warmup = args.warmup
             if variant.name in ("cbn", "naive_cbn"):
                 warmup = max(warmup, int(variant.options.get("window", 4)) + 1)
-            if not args.no_layer:
+            if not args.no_layer and variant.name not in REFERENCES:  # references: step only
                 for shape in args.layer_shape:
                     log(f"[{i}/{len(variants)}] {variant.label}: layer {_shape_text(shape)}")
                     result: dict[str, Any] = {"shape": list(shape)}
@@ -661,7 +707,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for row in rows:
         cells = [row["variant"]]
         if not args.no_layer:
-            for result in row["layers"]:
+            for result in row["layers"] or [{}] * len(args.layer_shape):  # [] : step only
                 cells += [_ratio(result), _ratio(result, "mem_ratio")]
         if not args.no_model:
             cells += [_ratio(row["step"]), _ratio(row["step"], "mem_ratio")]
@@ -695,7 +741,7 @@ def absolute_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for row in rows:
         cells = [row["variant"]]
         if not args.no_layer:
-            cells += [ms(r) for r in row["layers"]]
+            cells += [ms(r) for r in row["layers"] or [{}] * len(args.layer_shape)]
         if not args.no_model:
             cells += [ms(row["step"])]
         if not args.no_layer:

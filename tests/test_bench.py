@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -106,3 +107,51 @@ def test_cuda_request_without_cuda_is_an_error(capsys, monkeypatch):
 def test_help_exits_0(capsys):
     assert bench.main(["--help"]) == 0
     assert "--layer-shape" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind,per_conv", [("cbn_floor", 1), ("cbn_official_jac", 2)])
+def test_cbn_cost_references_do_the_jacobian_work_and_change_nothing(kind, per_conv):
+    """The reference rows add the Jacobian passes (counted: weight-gradient convolutions in the
+    forward) and leave the BN model's outputs and gradients as they were."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountConvBackward(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                CountConvBackward.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    ref = bench.convert_variant(copy.deepcopy(plain), bench.parse_variants(kind)[0])
+    x = torch.randn(2, 3, 5, 5)
+    with CountConvBackward():
+        y = ref(x)
+    assert CountConvBackward.calls == per_conv * 2  # two convs
+    y.square().sum().backward()
+    y0 = plain(x)
+    y0.square().sum().backward()
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    for p, p0 in zip(ref.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, p0.grad, rtol=0, atol=0)
+
+
+def test_cbn_cost_references_take_no_options(capsys):
+    assert bench.main(["--quick", "--variants", "cbn_floor:window=2"]) == 2
+    assert "cbn_floor takes no options" in capsys.readouterr().err
+
+
+def test_cost_reference_row_is_step_only(tmp_path):
+    prefix = tmp_path / "r"
+    assert bench.main(["--quick", "--variants", "bn,cbn_floor", "--out", str(prefix)]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    row = data["rows"][1]
+    assert row["name"] == "cbn_floor" and row["layers"] == []
+    assert math.isfinite(row["step"]["ratio"]) and row["step"]["finite_loss"]
+    lines = [ln for ln in (tmp_path / "r.md").read_text().splitlines() if ln.startswith("|")]
+    header, ref_row = lines[0], next(ln for ln in lines if ln.startswith("| cbn_floor"))
+    assert header.count("|") == ref_row.count("|")  # the layer cells are there, empty
+    assert "| – | – |" in ref_row

@@ -460,9 +460,10 @@ def test_unpaired_layers_are_errors():
 # -- state dict, copies ---------------------------------------------------------------------------
 def _train(model, opt, steps, seed):
     gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
     outs = []
     for _ in range(steps):
-        x = torch.randn(4, 3, 8, 8, generator=gen)
+        x = torch.randn(4, 3, 8, 8, generator=gen).to(dtype)
         target = torch.randint(0, 5, (4,), generator=gen)
         out = model(x)
         loss = F.cross_entropy(out, target)
@@ -488,6 +489,29 @@ def test_state_dict_round_trip_continues_bit_identically():
         assert torch.equal(a, b)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("options", [
+    dict(window=3),
+    dict(window=4, neg_var="drop"),
+    dict(window=3, rho=0.0),
+    dict(window=3, jacobian_dtype="bfloat16"),
+])
+def test_fused_and_eager_steps_agree(options):
+    """The fused pass (window, normalization, ring update, EMA in one compiled function) and the
+    same code run eagerly: outputs, gradients and every buffer over steps that wrap the ring."""
+    models = {k: _small_resnet(0, kernel=k, **options).to(D) for k in ("eager", "compiled")}
+    outs = {k: _train(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), 5, seed=3)
+            for k, m in models.items()}
+    for a, b in zip(outs["eager"], outs["compiled"]):
+        torch.testing.assert_close(a, b)
+    eager, fused = (models[k].state_dict() for k in ("eager", "compiled"))
+    assert int(eager["layer1.0.bn1.hist_state"][0]) == options["window"] - 1
+    for name, a in eager.items():
+        if a.is_floating_point():
+            torch.testing.assert_close(fused[name], a, msg=name)
+        else:
+            assert torch.equal(fused[name], a), name
 
 
 def test_load_before_pairing_and_from_plain_bn():

@@ -66,9 +66,11 @@ Implementation (our choices, exact in exact arithmetic):
   variance); ``num_batches_tracked`` is also the iteration count of the burn-in (``convert``
   copies it from the BN it replaces: a converted trained model skips the burn-in).
 * The history is a ring of fixed shape ``(k−1, …)`` with its count and next slot in the
-  ``hist_state`` buffer; the compensation and the window average run inside the fused forward
-  (:func:`compensated_window`) and the new entry is written at a device-side index, so a training
-  step reads nothing back to the host (only ``burnin > 0`` reads the iteration count).
+  ``hist_state`` buffer. The compensation, the window average, the new entry (written at a
+  device-side index) and the EMA run inside the fused forward (:func:`cbn_step`: one pass
+  for all of the layer's statistics work; only the Jacobians' two convolutions run before it),
+  so a training step reads nothing back to the host (only ``burnin > 0`` reads the iteration
+  count).
 
 Not supported: activation checkpointing (``torch.utils.checkpoint``) of a CBN layer: the rerun of
 the forward would store a second entry and normalize with another window.
@@ -188,6 +190,44 @@ def compensated_window(mean: Tensor, var: Tensor, eps: float, hist_mean: Tensor,
     slots = torch.arange(hist_mean.shape[0], device=hist_mean.device)
     keep = torch.where((slots < hist_state[0])[:, None], keep, 0)
     return window_statistics(mean, var, eps, past_mean, past_var, keep)
+
+
+def record(mean: Tensor, var: Tensor, hist_mean: Tensor, hist_var: Tensor, hist_state: Tensor,
+           entry: tuple[Tensor, ...], jacobians: tuple[Tensor, ...]) -> None:
+    """Store the current iteration's ``(μ, σ²)`` ``(C,)`` in ring slot ``hist_state[1]`` (a
+    device-side index) and advance the ring ``[count, next slot]`` (in place).
+
+    With ``jacobians`` (:func:`compensate`'s, their buffers written too), ``entry`` is the
+    iteration's ``(∂μ/∂W (G, P), D (C, P), c)`` with ``D = (2/M) Σ_p (y(p) − c)·patch(p)``
+    (``c`` per channel, ``None`` = 0); stored: ``∂σ²/∂W = D − 2(μ − c) ∂μ/∂W``,
+    ``e_μ = ⟨∂μ/∂W, W⟩ + b`` and ``e_σ = ⟨∂σ²/∂W, W⟩`` at the current weights.
+    """
+    pos = hist_state[1:]
+    hist_mean.index_copy_(0, pos, mean[None].to(hist_mean.dtype))
+    hist_var.index_copy_(0, pos, var[None].to(hist_var.dtype))
+    if jacobians:
+        w, b, hist_dmean, hist_dmean_ref, hist_dvar, hist_dvar_ref = jacobians
+        dmean, dvar, centre = entry
+        dvar = _centre(dvar, mean if centre is None else mean - centre, dmean)
+        mean_ref = _group_dot(w, dmean[None], dmean.shape[0])[0] + b  # e_μ
+        hist_dmean.index_copy_(0, pos, dmean[None])
+        hist_dmean_ref.index_copy_(0, pos, mean_ref[None])
+        hist_dvar.index_copy_(1, pos, dvar[:, None])
+        hist_dvar_ref.index_copy_(0, pos, (dvar * w).sum(1)[None])  # e_σ = ⟨∂σ²/∂W, W⟩
+    k1 = hist_mean.shape[0]
+    hist_state[:1].add_(1).clamp_(max=k1)
+    hist_state[1:].add_(1).remainder_(k1)
+
+
+def cbn_step(mean: Tensor, var: Tensor, eps: float, hist_mean: Tensor, hist_var: Tensor,
+             hist_state: Tensor, drop: bool, rho: float, entry: tuple[Tensor, ...],
+             *jacobians: Tensor) -> Normalization:
+    """CBN's transform in a training step (inside the fused forward): the window of the ring as
+    it is (:func:`compensated_window`), then the current iteration :func:`record`-ed into it."""
+    norm = compensated_window(mean, var, eps, hist_mean, hist_var, hist_state, drop, rho,
+                              *jacobians)
+    record(mean.view(-1), var.view(-1), hist_mean, hist_var, hist_state, entry, jacobians)
+    return norm
 
 
 class CrossIterationBatchNorm2d(BatchNorm2d):
@@ -395,13 +435,15 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         with _no_autocast(x.device):
             weight, bias = self._affine()
             jacobians = self._jacobian_args(cd)
-            # The EMA from the current batch, as BN.
-            y, mean, var, _ = grouped_batch_norm(
-                x, weight, bias, x.shape[0], self.eps, self._kernels(x), compensated_window,
+            # This iteration's Jacobians before the pass (the pass does their centring on μ,
+            # in record): the weight-gradient convolution does not wait for the statistics.
+            entry = () if conv_input is None else self._raw_jacobians(conv_input, x, cd)
+            # The window, the normalization, the ring update and the EMA (from the current
+            # batch, as BN) in one pass.
+            y, *_ = grouped_batch_norm(
+                x, weight, bias, x.shape[0], self.eps, self._kernels(x), cbn_step,
                 self.hist_mean, self.hist_var, self.hist_state, self.neg_var == "drop",
-                self.rho, *jacobians, ema=self._ema())
-            with torch.no_grad():
-                self._push(mean[0], var[0], conv_input, x, cd, jacobians[:2])
+                self.rho, entry, *jacobians, ema=self._ema())
         return y
 
     def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -431,31 +473,29 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
                              *(t.to(cd) for t in self._jacobian_args(cd)))
         return tuple(t[:length] for t in entries)
 
-    def _push(self, mean: Tensor, var: Tensor, conv_input: Tensor | None, y: Tensor,
-              cd: torch.dtype, weights: tuple[Tensor, ...]) -> None:
-        """Store the current iteration in ring slot ``hist_state[1]`` (indexed on the device);
-        ``weights``: the conv's ``(W, b)`` from :meth:`_weights` (empty for naive CBN)."""
-        k1 = self.window - 1
-        pos = self.hist_state[1:]
-        self.hist_mean.index_copy_(0, pos, mean[None].to(self.hist_mean.dtype))
-        self.hist_var.index_copy_(0, pos, var[None].to(self.hist_var.dtype))
-        if self._needs_jacobians():
-            dmean, dvar = self.jacobians(conv_input, y, cd, mean=mean)
-            w, b = weights
-            mean_ref = _group_dot(w, dmean[None], self._paired_conv.groups)[0] + b  # e_μ
-            self.hist_dmean.index_copy_(0, pos, dmean[None])
-            self.hist_dmean_ref.index_copy_(0, pos, mean_ref[None])
-            self.hist_dvar.index_copy_(1, pos, dvar[:, None])
-            self.hist_dvar_ref.index_copy_(0, pos, (dvar * w).sum(1)[None])  # e_σ = ⟨∂σ²/∂W, W⟩
-        self.hist_state[:1].add_(1).clamp_(max=k1)
-        self.hist_state[1:].add_(1).remainder_(k1)
-
     @torch.no_grad()
     def jacobians(self, conv_input: Tensor, y: Tensor, dtype: torch.dtype = torch.float32, *,
                   mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``∂μ/∂W`` ``(G, C_in/G·kh·kw)`` (per group) and ``∂σ²_j/∂W_j`` ``(C, C_in/G·kh·kw)``
         of the paired conv, from its input ``conv_input`` and output ``y`` (analytic; ``mean``:
-        the per-channel mean of ``y`` if known)."""
+        the per-channel mean of ``y`` if known). What a training step stores (there the
+        centring runs inside the fused forward)."""
+        dmean, dvar, centre = self._raw_jacobians(conv_input, y, dtype)
+        mean = y.detach().to(dtype).mean((0, 2, 3)) if mean is None else mean.to(dtype)
+        return dmean, _centre(dvar, mean if centre is None else mean - centre, dmean)
+
+    @torch.no_grad()
+    def _raw_jacobians(self, conv_input: Tensor, y: Tensor,
+                       dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(∂μ/∂W, D, c)`` in ``dtype`` with ``D = (2/M) Σ_p (y(p) − c)·patch(p)``:
+        ``∂σ²/∂W = D − 2(μ − c) ∂μ/∂W`` (:func:`_centre`).
+
+        ``jacobian_dtype="float32"``: ``c = 0`` (``None``), the weight gradient for ``2y/M``;
+        the centring is then a rank-1 update of the small Jacobian, not a pass over ``y``, and
+        costs ulp·|μ|·|patch| per entry (a few ulps of ∂σ²/∂W when |μ| ≫ σ), not ulp·μ² on σ².
+        ``"bfloat16"``: ``c`` = the mean of ``y``, subtracted before rounding (bf16 of ``y − c``
+        keeps σ's precision, not μ's); fp32 accumulation.
+        """
         conv = self._paired_conv
         x = conv_input.detach()
         padding = conv.padding
@@ -465,22 +505,18 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             padding = (0, 0)
         x, y = x.to(dtype), y.detach().to(dtype)
         m = y.shape[0] * y.shape[2] * y.shape[3]
-        mean = y.mean((0, 2, 3)) if mean is None else mean.to(dtype)
-        low = torch.bfloat16 if self.jacobian_dtype == "bfloat16" else dtype
         with _no_autocast(x.device):
             ones = x.new_ones(1, 1, y.shape[2], y.shape[3])
             patch = conv2d_weight(x.sum(0, keepdim=True), (1, *x.shape[1:2], *conv.kernel_size),
                                   ones, conv.stride, padding, conv.dilation, 1)
             dmean = patch.reshape(conv.groups, -1).div_(m)
-            if low == dtype:
-                # ∂σ²/∂W = (2/M) Σ y·patch − 2μ ∂μ/∂W: the centring on the (C, P) Jacobian, not
-                # a pass over y; the cancellation error is ulp·|μ|·|patch| per entry (a few
-                # ulps of ∂σ²/∂W when |μ| ≫ σ), not ulp·μ² on σ².
-                dvar = _centre_(_weight_grad(x, y, conv, padding).mul_(2.0 / m), mean, dmean)
-            else:  # rounded inputs: centre y first (bf16 of y − μ keeps σ's precision, not μ's)
-                centered = (y - mean.view(1, -1, 1, 1)).to(low)  # ∂σ²/∂y = 2(y − μ)/M
-                dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)
-        return dmean, dvar
+            if self.jacobian_dtype == "float32":
+                return dmean, _weight_grad(x, y, conv, padding).mul_(2.0 / m), None
+            centre = y.mean((0, 2, 3))  # ∂σ²/∂y = 2(y − μ)/M
+            low = torch.bfloat16
+            centered = (y - centre.view(1, -1, 1, 1)).to(low)
+            dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)
+            return dmean, dvar, centre
 
 
 def _from_second_moment(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -498,19 +534,20 @@ def _from_second_moment(state_dict: Mapping[str, Any], prefix: str) -> dict[str,
         return out
     dvar = dsq.clone()
     for slot in range(dsq.shape[1]):
-        _centre_(dvar[:, slot], mean[slot], dmean[slot])
+        dvar[:, slot] = _centre(dvar[:, slot], mean[slot], dmean[slot])
     out[prefix + "hist_dvar"] = dvar
     out[prefix + "hist_dmean_ref"] = mean.clone()
     out[prefix + "hist_dvar_ref"] = 2 * var
     return out
 
 
-def _centre_(jac: Tensor, mean: Tensor, dmean: Tensor) -> Tensor:
-    """``∂ν/∂W`` ``(C, P)`` → ``∂σ²/∂W = ∂ν/∂W − 2μ ∂μ/∂W`` in place (``mean`` ``(C,)``,
-    per-group ``dmean`` ``(G, P)``): one batched rank-1 update."""
+def _centre(jac: Tensor, offset: Tensor, dmean: Tensor) -> Tensor:
+    """``jac − 2·offset ∂μ/∂W`` ``(C, P)`` (``offset`` ``(C,)``, per-group ``dmean`` ``(G, P)``):
+    one batched rank-1 update; ``∂ν/∂W`` with ``offset = μ`` gives ``∂σ²/∂W``."""
     g, c = dmean.shape[0], jac.shape[0]
-    jac.view(g, c // g, -1).baddbmm_(mean.view(g, c // g, 1), dmean.view(g, 1, -1), alpha=-2.0)
-    return jac
+    out = torch.baddbmm(jac.view(g, c // g, -1), offset.view(g, c // g, 1), dmean.view(g, 1, -1),
+                        alpha=-2.0)
+    return out.view(c, -1)
 
 
 def _group_dot(w: Tensor, patch: Tensor, groups: int) -> Tensor:

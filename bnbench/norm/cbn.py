@@ -66,10 +66,10 @@ Implementation (our choices, exact in exact arithmetic):
   variance); ``num_batches_tracked`` is also the iteration count of the burn-in (``convert``
   copies it from the BN it replaces: a converted trained model skips the burn-in).
 * The history is a ring of fixed shape ``(k−1, …)`` with its count and next slot in the
-  ``hist_state`` buffer. The compensation, the window average, the new entry (written at a
-  device-side index) and the EMA run inside the fused forward (:func:`cbn_step`: one pass
-  for all of the layer's statistics work; only the Jacobians' two convolutions run before it),
-  so a training step reads nothing back to the host (only ``burnin > 0`` reads the iteration
+  ``hist_state`` buffer. The compensation, the window average and the new entry (written at a
+  device-side index; :func:`cbn_step`), then the EMA, run inside the fused forward: one pass
+  for all of the layer's statistics work; only the Jacobians' two convolutions run before it.
+  A training step reads nothing back to the host (only ``burnin > 0`` reads the iteration
   count).
 
 Not supported: activation checkpointing (``torch.utils.checkpoint``) of a CBN layer: the rerun of

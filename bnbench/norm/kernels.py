@@ -7,8 +7,9 @@ functions, written once in plain tensor ops:
 * :func:`moments` — mean and biased variance over ``(n, L)``, two passes (``Σ (x − μ)²`` on the
   centered tensor, so nothing cancels when ``|μ| ≫ σ``);
 * :func:`forward` — the moments, a variant's :class:`Normalization` of them (BN: themselves;
-  BRN's r/d; CBN's window), ``y = γ (r x̂ + d) + β`` and, in a training step, the
-  population EMA (:class:`Ema`, in place on the layer's buffers: no eager ops after the pass);
+  BRN's r/d; CBN's window), ``y = γ (r x̂ + d) + β`` and, in a training step with equal
+  groups, the population EMA (:class:`Ema`, in place on the layer's buffers; a GhostBN remainder
+  group, SyncBN and domain layers update eagerly with ``base.update_population``);
 * :func:`backward` — BN's training backward per group with weight ``γ r`` and an effective count
   ``count·M`` per ``(g, c)``: ``∂x = γ r s (∂y − (Σ∂y + x̂ Σ(∂y x̂)) / (count·M))``.
 
@@ -82,11 +83,13 @@ class Ema(NamedTuple):
     """A training step's update of the population statistics (buffers, updated in place):
 
     * ``rule="var"`` (BN): ``μ ← (1 − m) μ + m μ_B``, ``σ² ← (1 − m) σ² + m σ²_B·M/(M − 1)``
-      (PyTorch's EMA of the unbiased variance; ``m`` = ``momentum``, the paper's λ = 1 − m);
+      (PyTorch's EMA of the unbiased variance; ``m`` = ``momentum``, the paper's λ = 1 − m;
+      groups of unequal size: count-weighted means of the groups' terms);
     * ``rule="std"`` (Batch Renormalization, Algorithm 1): the same on ``μ`` and on
       ``σ = sqrt(σ² + ε)``, stored as ``σ² − ε``;
 
-    and ``tracked`` (``num_batches_tracked``) += 1.
+    and ``tracked`` (``num_batches_tracked``) += 1. In fp16/bf16 buffers the fused and eager
+    updates may differ by an ulp of the buffer (Inductor rounds once).
     """
 
     running_mean: Tensor

@@ -111,9 +111,11 @@ def ema_step(ema: Ema, mean: Tensor, var: Tensor, unbiased: Tensor, eps: float) 
     ema.tracked.add_(1)
 
 
-#: ``transform(mean, var, eps, *args) -> Normalization`` from the batch statistics: a pure
+#: ``transform(mean, var, eps, *args) -> Normalization`` from the batch statistics: a
 #: module-level function (it runs inside the fused forward), its arguments tensors or Python
-#: constants (a bool or float is specialized: one compiled graph per value).
+#: constants (a bool or float is specialized: one compiled graph per value); it may update
+#: state arguments in place once it has read them (CBN's ring: :func:`bnbench.norm.cbn.record`),
+#: and nothing it returns may be such a state tensor.
 Transform = Callable[..., Normalization]
 
 

@@ -452,9 +452,13 @@ def with_jacobian_work(model: nn.Module, kind: str) -> nn.Module:
     from torch.nn.grad import conv2d_weight
 
     def floor(conv: nn.Conv2d, args: tuple, y: Tensor) -> None:
+        x, padding = args[0], conv.padding
+        if isinstance(padding, str) or conv.padding_mode != "zeros":  # as the conv pads
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
         with torch.no_grad():
-            conv2d_weight(args[0], conv.weight.shape, y, conv.stride, conv.padding,
-                          conv.dilation, conv.groups)
+            conv2d_weight(x, conv.weight.shape, y, conv.stride, padding, conv.dilation,
+                          conv.groups)
 
     def official(conv: nn.Conv2d, args: tuple, y: Tensor) -> None:
         if not (torch.is_grad_enabled() and y.requires_grad):

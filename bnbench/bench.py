@@ -24,6 +24,11 @@ On CPU (no allocator statistics), the bytes autograd saves for backward
 (``torch.autograd.graph.saved_tensors_hooks``; unique storages, parameters and buffers excluded)
 plus the output: the activation memory the variant keeps alive between forward and backward.
 
+Cost references (rows ``cbn_floor``, ``cbn_official_jac``; step only): the BN model plus only
+the Jacobian work of an exact CBN — one weight-gradient convolution per conv (the least the
+notes' method needs), or the official code's two ``torch.autograd.grad`` passes per conv — to
+put CBN's step beside what its Jacobians alone cost.
+
 Variant states are the interesting ones: BRN past its warm-up with r_max/d_max at their final
 values (corrections active); CBN/naive CBN past burn-in with a full window; SyncBN with a real
 single-process gloo group (the layer's group checks run; with one process it must cost no more
@@ -612,7 +617,8 @@ def run_bench(args: argparse.Namespace, variants: list[Variant], device: torch.d
             if variant.name in NOTES:
                 row["notes"].append(NOTES[variant.name])
             if variant.name in REFERENCES:
-                row["notes"].append(REFERENCES[variant.name])
+                row["notes"].append(REFERENCES[variant.name]
+                                    + ("; not run: step only, --no-model" if args.no_model else ""))
             if variant.name == "syncbn" and sync_note:
                 row["notes"].append(sync_note)
             warmup = args.warmup

@@ -113,7 +113,9 @@ def ema_step(ema: Ema, mean: Tensor, var: Tensor, unbiased: Tensor, eps: float) 
 
 #: ``transform(mean, var, eps, *args) -> Normalization`` from the batch statistics: a
 #: module-level function (it runs inside the fused forward), its arguments tensors or Python
-#: constants (a bool or float is specialized: one compiled graph per value); it may update
+#: constants (a bool is specialized, one graph per value; a float is a dynamic graph input,
+#: ~4 µs per call each on this CPU, unless an op needs it constant: one graph per EMA
+#: momentum, the weight of ``lerp_``); it may update
 #: state arguments in place once it has read them (CBN's ring: :func:`bnbench.norm.cbn.record`),
 #: and nothing it returns may be such a state tensor.
 Transform = Callable[..., Normalization]

@@ -33,12 +33,17 @@ from bnbench.norm.kernels import Ema, Normalization
 EMA = ("std", "var")
 
 
-def ramp(t: Tensor, start: float, end: float, final: float, initial: float) -> Tensor:
+def ramp(t: Tensor, start: Tensor | float, end: Tensor | float, final: Tensor | float,
+         initial: Tensor | float) -> Tensor:
     """``initial`` until ``start``, then linear to ``final`` at ``end``, constant after (tensor
-    ops: the schedule follows ``num_batches_tracked`` on its device, no host read-back)."""
-    if end <= start:
-        return torch.where(t <= start, initial, final).to(t.dtype)
-    return initial + (final - initial) * ((t - start) / (end - start)).clamp(0.0, 1.0)
+    ops, also on tensor constants: the schedule follows ``num_batches_tracked`` on its device
+    with no host read-back, and the fused forward gets its constants as one tensor)."""
+    start, end, final, initial = (torch.as_tensor(v, dtype=t.dtype, device=t.device)
+                                  for v in (start, end, final, initial))
+    span = end - start
+    frac = ((t - start) / torch.where(span > 0, span, 1.0)).clamp(0.0, 1.0)
+    return torch.where(span > 0, initial + (final - initial) * frac,
+                       torch.where(t <= start, initial, final))
 
 
 class BatchRenorm2d(BatchNorm2d):
@@ -83,6 +88,15 @@ class BatchRenorm2d(BatchNorm2d):
         dtype = torch.float64 if self.running_var.dtype == torch.float64 else torch.float32
         return tuple(float(v) for v in self.schedule.limits(self.num_batches_tracked, dtype))
 
+    def _packed_schedule(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """:attr:`schedule` as one tensor (built again only when it or dtype/device change)."""
+        key = (self.schedule, dtype, device)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            cached = (key, self.schedule.packed(dtype, device))
+            self.__dict__["_packed"] = cached
+        return cached[1]
+
     # Not traced into a compiled model: its backward would recompute r, d from the EMA buffers
     # after this step's update has changed them (wrong ∂γ and ∂x, seen with torch 2.14);
     # eagerly, autograd keeps this step's r, d. The layer's own passes are still fused.
@@ -94,10 +108,11 @@ class BatchRenorm2d(BatchNorm2d):
         # on: the limits are computed in the fused forward, nothing is read back to the host.
         self._check_group_size(x, x.shape[0])
         # One group (the whole batch): r and d are constants for autograd in there.
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32  # the statistics'
         y, *_ = grouped_batch_norm(
             x, self.weight, self.bias, x.shape[0], self.eps, self._kernels(x), renorm,
-            self.running_mean, self.running_var, self.num_batches_tracked, self.schedule,
-            ema=self._ema())
+            self.running_mean, self.running_var, self.num_batches_tracked,
+            self._packed_schedule(cd, x.device), ema=self._ema())
         return y
 
     def _ema(self) -> Ema:
@@ -117,22 +132,34 @@ class Schedule(NamedTuple):
     dmax: float
     scale: float
 
+    def packed(self, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+        """The six numbers as one tensor, in field order (what the fused forward gets: a tensor
+        input instead of six float inputs)."""
+        return torch.tensor(self, dtype=dtype, device=device)
+
     def limits(self, iterations: Tensor,
                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """``(r_max, d_max)`` after ``iterations`` (tensor ops in ``dtype``, on its device)."""
-        t = iterations.to(dtype) / self.scale  # float32 counts are exact up to 2²⁴
-        return (ramp(t, self.warmup_iters, self.rmax_iters, self.rmax, 1.0),
-                ramp(t, self.warmup_iters, self.dmax_iters, self.dmax, 0.0))
+        return schedule_limits(iterations, self.packed(dtype, iterations.device))
+
+
+def schedule_limits(iterations: Tensor, packed: Tensor) -> tuple[Tensor, Tensor]:
+    """``(r_max, d_max)`` after ``iterations`` from a :meth:`Schedule.packed` tensor (its
+    dtype)."""
+    warmup, rmax_iters, dmax_iters, rmax, dmax, scale = packed.unbind()
+    t = iterations.to(packed.dtype) / scale  # float32 counts are exact up to 2²⁴
+    return ramp(t, warmup, rmax_iters, rmax, 1.0), ramp(t, warmup, dmax_iters, dmax, 0.0)
 
 
 def renorm(mean: Tensor, var: Tensor, eps: float, running_mean: Tensor, running_var: Tensor,
-           iterations: Tensor, schedule: Schedule) -> Normalization:
+           iterations: Tensor, schedule: Tensor) -> Normalization:
     """BRN's ``r = clip(σ_B/σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ)/σ, −d_max, d_max)`` from
     the batch statistics ``(1, 1, C, 1)`` and the EMA before this batch's update, with the
-    limits of the ``schedule`` at ``iterations`` (``num_batches_tracked``)."""
+    limits of the ``schedule`` (:meth:`Schedule.packed`) at ``iterations``
+    (``num_batches_tracked``)."""
     shape, cd = mean.shape, mean.dtype
     inv_std = torch.rsqrt(running_var.to(cd).view(shape) + eps)
-    rmax, dmax = schedule.limits(iterations, cd)
+    rmax, dmax = schedule_limits(iterations, schedule.to(cd))
     r = torch.clamp(torch.sqrt(var + eps) * inv_std, 1.0 / rmax, rmax)
     d = torch.clamp((mean - running_mean.to(cd).view(shape)) * inv_std, -dmax, dmax)
     return Normalization(mean, var, gain=r, offset=d)

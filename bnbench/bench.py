@@ -456,11 +456,10 @@ def with_jacobian_work(model: nn.Module, kind: str) -> nn.Module:
     ``μ = E[y]`` and ``ν = E[y²]`` w.r.t. the conv weight (``grad_outputs`` = ones)."""
     from torch.nn.grad import conv2d_weight
 
+    from bnbench.norm.cbn import padded_input
+
     def floor(conv: nn.Conv2d, args: tuple, y: Tensor) -> None:
-        x, padding = args[0], conv.padding
-        if isinstance(padding, str) or conv.padding_mode != "zeros":  # as the conv pads
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+        x, padding = padded_input(conv, args[0])
         with torch.no_grad():
             conv2d_weight(x, conv.weight.shape, y, conv.stride, padding, conv.dilation,
                           conv.groups)

@@ -497,12 +497,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         keeps σ's precision, not μ's); fp32 accumulation.
         """
         conv = self._paired_conv
-        x = conv_input.detach()
-        padding = conv.padding
-        if isinstance(padding, str) or conv.padding_mode != "zeros":
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-            padding = (0, 0)
+        x, padding = padded_input(conv, conv_input.detach())
         x, y = x.to(dtype), y.detach().to(dtype)
         m = y.shape[0] * y.shape[2] * y.shape[3]
         with _no_autocast(x.device):
@@ -517,6 +512,16 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             centered = (y - centre.view(1, -1, 1, 1)).to(low)
             dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)
             return dmean, dvar, centre
+
+
+def padded_input(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Any]:
+    """``(x, padding)`` for the weight-gradient convolution of ``conv`` on ``x``: padded here as
+    the conv pads (``padding="same"``/``"valid"``, non-zero padding modes), else the conv's own
+    integer padding."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0, 0)
+    return x, conv.padding
 
 
 def _from_second_moment(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -1,0 +1,64 @@
+"""kernels.Precompiled: Dynamo's compiled code called directly, under Dynamo's own guards."""
+
+from __future__ import annotations
+
+import torch
+
+from bnbench.norm.kernels import Precompiled
+
+
+def _scaled_sum(x: torch.Tensor, scale: float, square: bool, *extra: torch.Tensor):
+    """A small function with the kinds of arguments the kernels take."""
+    y = x * x if square else x * 2
+    for t in extra:
+        y = y + t
+    return (y * scale).sum(dim=-1), y.exp_()
+
+
+class _Counting:
+    """Counts the calls that go through torch.compile (Dynamo's frame hook)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def test_precompiled_runs_dynamos_code_directly_and_obeys_its_guards():
+    fn = Precompiled(_scaled_sum)
+    assert fn._direct, "this PyTorch has isolated recompile regions: the direct path must run"
+    dynamo = fn.compiled = _Counting(fn.compiled)
+    g = torch.Generator().manual_seed(0)
+
+    def check(*args, dynamo_calls: int) -> None:
+        ref = _scaled_sum(*args)
+        out = fn(*args)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b)
+        assert dynamo.calls == dynamo_calls
+
+    x = torch.randn(3, 5, generator=g)
+    check(x, 0.5, True, dynamo_calls=1)  # compiles
+    check(x, 0.5, True, dynamo_calls=1)  # direct
+    check(torch.randn(4, 7, generator=g), 0.5, True, dynamo_calls=1)  # dynamic shapes: direct
+    check(x, 0.25, True, dynamo_calls=1)  # a float is a graph input: direct
+    check(x, 0.5, False, dynamo_calls=2)  # a bool is specialized: the guards refuse, recompile
+    check(x, 0.5, True, dynamo_calls=2)  # the first entry again
+    check(x.double(), 0.5, True, dynamo_calls=3)  # dtype guard
+    check(x, 0.5, True, torch.ones(5), dynamo_calls=4)  # *args length guard
+    check(x, 0.5, True, torch.ones(5), dynamo_calls=4)
+    with torch.no_grad():  # global state guard (grad mode)
+        check(x, 0.5, True, dynamo_calls=5)
+    assert len(fn._entries) == 5
+
+
+def test_precompiled_routes_keys_dynamo_would_not_compile_to_dynamo():
+    fn = Precompiled(_scaled_sum, recompile_limit=1)
+    dynamo = fn.compiled = _Counting(fn.compiled)
+    x = torch.randn(3, 5)
+    fn(x, 1.0, True)
+    for _ in range(2):  # past the limit Dynamo runs the function eagerly; so do we
+        torch.testing.assert_close(fn(x, 1.0, False)[0], _scaled_sum(x.clone(), 1.0, False)[0])
+    assert dynamo.calls == 3 and len(fn._entries) == 1

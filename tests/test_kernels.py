@@ -43,15 +43,16 @@ def test_precompiled_runs_dynamos_code_directly_and_obeys_its_guards():
     check(x, 0.5, True, dynamo_calls=1)  # compiles
     check(x, 0.5, True, dynamo_calls=1)  # direct
     check(torch.randn(4, 7, generator=g), 0.5, True, dynamo_calls=1)  # dynamic shapes: direct
-    check(x, 0.25, True, dynamo_calls=1)  # a float is a graph input: direct
-    check(x, 0.5, False, dynamo_calls=2)  # a bool is specialized: the guards refuse, recompile
-    check(x, 0.5, True, dynamo_calls=2)  # the first entry again
-    check(x.double(), 0.5, True, dynamo_calls=3)  # dtype guard
-    check(x, 0.5, True, torch.ones(5), dynamo_calls=4)  # *args length guard
-    check(x, 0.5, True, torch.ones(5), dynamo_calls=4)
+    check(x, 0.25, True, dynamo_calls=2)  # floats are specialized: the guards refuse
+    check(x, 0.5, False, dynamo_calls=3)  # so are bools
+    check(x, 0.5, True, dynamo_calls=3)  # the first entry again
+    check(x, 0.25, True, dynamo_calls=3)  # and the second
+    check(x.double(), 0.5, True, dynamo_calls=4)  # dtype guard
+    check(x, 0.5, True, torch.ones(5), dynamo_calls=5)  # *args length guard
+    check(x, 0.5, True, torch.ones(5), dynamo_calls=5)
     with torch.no_grad():  # global state guard (grad mode)
-        check(x, 0.5, True, dynamo_calls=5)
-    assert len(fn._entries) == 5
+        check(x, 0.5, True, dynamo_calls=6)
+    assert len(fn._entries) == 6
 
 
 def test_precompiled_routes_keys_dynamo_would_not_compile_to_dynamo():

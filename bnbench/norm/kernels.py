@@ -117,9 +117,8 @@ def ema_step(ema: Ema, mean: Tensor, var: Tensor, unbiased: Tensor, eps: float) 
 
 #: ``transform(mean, var, eps, *args) -> Normalization`` from the batch statistics: a
 #: module-level function (it runs inside the fused forward), its arguments tensors or Python
-#: constants (a bool is specialized, one graph per value; a float is a dynamic graph input,
-#: ~4 µs per call each on this CPU, unless an op needs it constant: one graph per EMA
-#: momentum, the weight of ``lerp_``); it may update
+#: constants (specialized by :class:`Precompiled`: one graph per value; anything that changes
+#: per step must be a tensor, e.g. BRN's schedule); it may update
 #: state arguments in place once it has read them (CBN's ring: :func:`bnbench.norm.cbn.record`),
 #: and nothing it returns may be such a state tensor.
 Transform = Callable[..., Normalization]
@@ -196,7 +195,10 @@ class Precompiled:
     """``torch.compile(fn, dynamic=True)``, called without its per-call frame hook once compiled.
 
     The first call of each kind goes through ``torch.compile`` (Dynamo traces, guards and
-    compiles; Inductor's caches apply). Later calls check the guards of the entry that last
+    compiles; Inductor's caches apply), with Python floats specialized (ε, the EMA momentum,
+    CBN's ρ: constants of a layer, one graph per value; as dynamic graph inputs each cost a
+    tensor conversion and a kernel argument per call: ~25 µs per GhostBN step measured on the
+    tiny bench layer). Later calls check the guards of the entry that last
     served their argument shapes (:func:`_key`), then of the others, and run that entry's
     compiled code directly; a call no entry accepts goes through ``torch.compile`` again.
     A call thus runs exactly the code and checks exactly the guards ``torch.compile`` would,
@@ -234,17 +236,21 @@ class Precompiled:
         key = _key(args)
         entry = self._by_key.get(key, _UNSEEN)
         if entry is None:  # no entry served this key, nor was one compiled for it
-            return self.compiled(*args)
+            return self._dynamo(*args)
         f_locals = self._locals(args)
         if entry is _UNSEEN or not entry.accepts(f_locals):
             entry = next((e for e in self._entries if e.accepts(f_locals)), None)
             if entry is None:  # Dynamo decides (and compiles) as usual
-                out = self.compiled(*args)
+                out = self._dynamo(*args)
                 if not self._refresh():
                     self._by_key[key] = None  # e.g. past the recompile limit: Dynamo's path
                 return out
             self._by_key[key] = entry
         return entry.run(*args)
+
+    def _dynamo(self, *args):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return self.compiled(*args)
 
     def _locals(self, args: tuple) -> dict:
         """The frame locals the guards read: parameters by name (``*args``: one tuple)."""

@@ -263,7 +263,7 @@ class Precompiled:
         """Take Dynamo's current entries; whether they changed."""
         cache = torch._dynamo.eval_frame._get_cache_entries_for_region(self.fn.__code__,
                                                                        self._region)
-        if len(cache) == len(self._entries):
+        if {c.code for c in cache} == {e.code for e in self._entries}:
             return False
         self._entries = [_Entry(c, self.fn) for c in cache]
         self._by_key.clear()
@@ -278,17 +278,18 @@ class _Entry:
     function's transformed bytecode, which calls the compiled graph)."""
 
     def __init__(self, cache_entry, fn: Callable) -> None:
+        self.code = cache_entry.code
         self.accepts = cache_entry.guard_manager.check
-        self.run = types.FunctionType(cache_entry.code, fn.__globals__, fn.__name__,
-                                      fn.__defaults__, fn.__closure__)
+        self.run = types.FunctionType(self.code, fn.__globals__, fn.__name__, fn.__defaults__,
+                                      fn.__closure__)
 
 
 _UNSEEN = object()
 
 
 def _key(args: tuple) -> tuple:
-    """Which entry probably serves ``args``: tensor shapes and the plain constants (the
-    guards decide)."""
+    """Which entry probably serves ``args`` (tensors, tuples, hashable constants): tensor
+    shapes and the constants (the guards decide)."""
     return tuple(a.shape if isinstance(a, Tensor) else type(a) if isinstance(a, tuple) else a
                  for a in args)
 

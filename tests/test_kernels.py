@@ -63,3 +63,51 @@ def test_precompiled_routes_keys_dynamo_would_not_compile_to_dynamo():
     for _ in range(2):  # past the limit Dynamo runs the function eagerly; so do we
         torch.testing.assert_close(fn(x, 1.0, False)[0], _scaled_sum(x.clone(), 1.0, False)[0])
     assert dynamo.calls == 3 and len(fn._entries) == 1
+
+
+def test_precompiled_follows_dynamo_resets_and_invalidations():
+    fn = Precompiled(_scaled_sum)
+    dynamo = fn.compiled = _Counting(fn.compiled)
+    x = torch.randn(3, 5)
+    fn(x, 1.0, True)
+    fn(x, 1.0, True)
+    assert dynamo.calls == 1 and len(fn._entries) == 1
+    torch._dynamo.reset()  # Dynamo drops its entries: so do we, and compile afresh
+    torch.testing.assert_close(fn(x, 1.0, True)[0], _scaled_sum(x, 1.0, True)[0])
+    assert dynamo.calls == 2 and len(fn._entries) == 1
+    fn._entries[0]._cache_entry = type("Invalidated", (), {"code": None})()
+    fn(x, 1.0, True)  # an invalidated entry is never run (its guards would accept anything)
+    assert dynamo.calls == 3
+
+
+def _with_default(x: torch.Tensor, scale: float = 2.0):
+    return x * scale
+
+
+def _plus_all(x: torch.Tensor, parts: list[torch.Tensor]):
+    return x + sum(parts)
+
+
+def _with_graph_break(x: torch.Tensor):
+    y = x + 1
+    torch._dynamo.graph_break()
+    return y * 2
+
+
+def test_precompiled_leaves_to_torch_compile_what_it_cannot_call_directly():
+    x = torch.randn(3, 5)
+    for fn, args, ref in [
+        (Precompiled(_with_default), (x,), x * 2),  # defaults: not a plain signature
+        (Precompiled(_with_graph_break), (x,), (x + 1) * 2),  # resume functions: eager
+        (Precompiled(_plus_all), (x, [x, x]), x * 3),  # unhashable argument
+    ]:
+        dynamo = fn.compiled = _Counting(fn.compiled)
+        for calls in (1, 2):
+            torch.testing.assert_close(fn(*args), ref)
+            assert dynamo.calls == calls
+    fn = Precompiled(_scaled_sum)
+    dynamo = fn.compiled = _Counting(fn.compiled)
+    fn(x, 1.0, True)
+    with torch.compiler.set_stance("force_eager"):  # the stance is torch.compile's to apply
+        fn(x, 1.0, True)
+    assert dynamo.calls == 2

@@ -16,8 +16,8 @@ functions, written once in plain tensor ops:
 ``kernel="eager"`` runs them as PyTorch ops (several passes each, and a temporary per op);
 ``"compiled"`` runs them through ``torch.compile`` (Inductor fuses each into one or two loops over
 the data; on the 2-core CPU here the fused forward+backward passes took 2–5× less time than
-``torch.nn.BatchNorm2d``'s CPU kernels on 0.5–16 MB activations, plus ~30 µs per call of
-wrapper code (:class:`Precompiled` calls the compiled code without ``torch.compile``'s frame
+``torch.nn.BatchNorm2d``'s CPU kernels on 0.5–16 MB activations, plus 20–30 µs of wrapper
+code per call (:class:`Precompiled` calls the compiled code without ``torch.compile``'s frame
 hook), after a one-off compile of a few seconds per process, cached on disk by PyTorch; the
 functions are compiled with dynamic shapes and Parameters passed detached, so one compile serves
 all layer sizes up to a few specializations); ``"auto"`` (default)
@@ -29,10 +29,12 @@ they agree to rounding (tested).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import inspect
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -198,58 +200,80 @@ class Precompiled:
     compiles; Inductor's caches apply), with Python floats specialized (ε, the EMA momentum,
     CBN's ρ: constants of a layer, one graph per value; as dynamic graph inputs each cost a
     tensor conversion and a kernel argument per call: ~25 µs per GhostBN step measured on the
-    tiny bench layer). Later calls check the guards of the entry that last
-    served their argument shapes (:func:`_key`), then of the others, and run that entry's
-    compiled code directly; a call no entry accepts goes through ``torch.compile`` again.
-    A call thus runs exactly the code and checks exactly the guards ``torch.compile`` would,
-    with less Python around it: 15–25 µs less per call on the 2-core CPU here, most of a small
-    layer's fixed cost (two calls per training step). The entries are those of this wrapper's
-    own recompile region (``isolate_recompiles``); where PyTorch lacks it, every call goes
-    through ``torch.compile``. Entries are held until exit (then released before the
-    interpreter tears down Dynamo's cleanup hooks of their code).
+    tiny bench layer). Later calls check the guards of the entry that last served their
+    argument shapes (:func:`_key`), then of the others (Dynamo's guard managers, global state
+    such as grad mode, autocast and dtype defaults included), and run that entry's compiled
+    code (the function's transformed bytecode) directly; a call no entry accepts goes through
+    ``torch.compile`` again. So a guard hit runs the code ``torch.compile`` would, with less
+    Python around it: 15–25 µs less per call on the 2-core CPU here, most of a small layer's
+    fixed cost (two calls per training step).
+
+    Scope: ``fn`` takes positional parameters and ``*args`` only (no defaults, no closure;
+    otherwise every call goes through ``torch.compile``), and the entries used are those of
+    this wrapper's own recompile region (``isolate_recompiles``) without graph breaks.
+    Calls go through ``torch.compile`` under a non-default ``torch.compiler.set_stance``,
+    under FX or TorchScript tracing, and where PyTorch lacks recompile regions. Not
+    supported: ``torch.compiler.set_enable_guard_collectives(True)`` (a direct call issues no
+    guard collective). Entries invalidated or dropped by Dynamo (``torch._dynamo.reset()``)
+    are dropped here too; the rest are released at exit, before the interpreter tears down
+    Dynamo's cleanup hooks of their code.
     """
 
     def __init__(self, fn: Callable, recompile_limit: int = 64) -> None:
-        params = list(inspect.signature(fn).parameters.values())
-        star = next((p for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
         self.fn = fn
-        self._names = tuple(p.name for p in params if p is not star)
-        self._star = None if star is None else star.name
+        self._names, self._star = _positional(fn)
         self._entries: list[_Entry] = []
-        self._by_key: dict[tuple, _Entry] = {}
+        self._by_key: dict[tuple, object] = {}
+        config = torch._dynamo.config
+        self._floats = (functools.partial(config.patch, specialize_float=True)
+                        if hasattr(config, "specialize_float") else contextlib.nullcontext)
         try:
             self.compiled = torch.compile(fn, dynamic=True, recompile_limit=recompile_limit,
                                           isolate_recompiles=True)
             self._region = self.compiled._isolate_recompiles_id
-            self._direct = callable(getattr(torch._dynamo.eval_frame,
-                                            "_get_cache_entries_for_region", None))
+            self._eval_frame = torch._dynamo.eval_frame
+            self._entries_of = self._eval_frame._get_cache_entries_for_region
+            self._cache_size = torch._C._dynamo.eval_frame._get_total_cache_entry_count
+            self._fx_tracing = torch.fx._symbolic_trace._get_is_fx_tracing
+            self._direct = self._names is not None and self._eval_frame._stance is not None
         except (TypeError, AttributeError):  # older PyTorch: plain torch.compile calls
-            dynamo = torch._dynamo.config  # process-wide, raised only
-            dynamo.recompile_limit = max(dynamo.recompile_limit, recompile_limit)
+            limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, limit, max(getattr(config, limit), recompile_limit))  # raised only
             self.compiled = torch.compile(fn, dynamic=True)
             self._direct = False
-        atexit.register(self._release)
+        _LIVE.add(self)
 
     def __call__(self, *args):
-        if not self._direct:
-            return self.compiled(*args)
+        if not self._direct or self._wrapper_needed():
+            return self._through_dynamo(*args)
+        if self._cache_size(self.fn.__code__) < len(self._entries):  # torch._dynamo.reset()
+            self._refresh()
         key = _key(args)
-        entry = self._by_key.get(key, _UNSEEN)
-        if entry is None:  # no entry served this key, nor was one compiled for it
-            return self._dynamo(*args)
+        try:
+            entry = self._by_key.get(key)
+        except TypeError:  # an unhashable argument
+            return self._through_dynamo(*args)
+        if entry is _DYNAMO:
+            return self._through_dynamo(*args)
         f_locals = self._locals(args)
-        if entry is _UNSEEN or not entry.accepts(f_locals):
+        if entry is None or not entry.accepts(f_locals):
             entry = next((e for e in self._entries if e.accepts(f_locals)), None)
             if entry is None:  # Dynamo decides (and compiles) as usual
-                out = self._dynamo(*args)
-                if not self._refresh():
-                    self._by_key[key] = None  # e.g. past the recompile limit: Dynamo's path
+                out = self._through_dynamo(*args)
+                if not self._refresh():  # e.g. past the recompile limit: Dynamo runs it
+                    self._by_key[key] = _DYNAMO
                 return out
             self._by_key[key] = entry
         return entry.run(*args)
 
-    def _dynamo(self, *args):
-        with torch._dynamo.config.patch(specialize_float=True):
+    def _wrapper_needed(self) -> bool:
+        """Whether ``torch.compile``'s wrapper must run: a non-default stance (e.g.
+        ``force_eager``), or FX or TorchScript tracing."""
+        return (self._eval_frame._stance.stance != "default" or torch._C._is_tracing()
+                or self._fx_tracing())
+
+    def _through_dynamo(self, *args):
+        with self._floats():
             return self.compiled(*args)
 
     def _locals(self, args: tuple) -> dict:
@@ -260,12 +284,12 @@ class Precompiled:
         return f_locals
 
     def _refresh(self) -> bool:
-        """Take Dynamo's current entries; whether they changed."""
-        cache = torch._dynamo.eval_frame._get_cache_entries_for_region(self.fn.__code__,
-                                                                       self._region)
-        if {c.code for c in cache} == {e.code for e in self._entries}:
+        """Take Dynamo's current usable entries; whether they changed."""
+        cache = self._entries_of(self.fn.__code__, self._region)
+        usable = [c for c in cache if _runs_whole(c.code)]
+        if {c.code for c in usable} == {e.code for e in self._entries if e.valid}:
             return False
-        self._entries = [_Entry(c, self.fn) for c in cache]
+        self._entries = [_Entry(c, self.fn) for c in usable]
         self._by_key.clear()
         return True
 
@@ -278,18 +302,52 @@ class _Entry:
     function's transformed bytecode, which calls the compiled graph)."""
 
     def __init__(self, cache_entry, fn: Callable) -> None:
+        self._cache_entry = cache_entry
         self.code = cache_entry.code
-        self.accepts = cache_entry.guard_manager.check
-        self.run = types.FunctionType(self.code, fn.__globals__, fn.__name__, fn.__defaults__,
-                                      fn.__closure__)
+        self._check = cache_entry.guard_manager.check
+        self.run = types.FunctionType(self.code, fn.__globals__, fn.__name__)
+
+    @property
+    def valid(self) -> bool:
+        """Dynamo clears an entry's code when it invalidates it (an object its guards match
+        by identity died; its guard manager then accepts anything)."""
+        return self._cache_entry.code is not None
+
+    def accepts(self, f_locals: dict) -> bool:
+        return self._cache_entry.code is not None and self._check(f_locals)
 
 
-_UNSEEN = object()
+_DYNAMO = object()  # in ``_by_key``: a key that Dynamo serves itself
+_LIVE: weakref.WeakSet[Precompiled] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_all() -> None:
+    for wrapper in list(_LIVE):
+        wrapper._release()
+
+
+def _positional(fn: Callable) -> tuple[tuple[str, ...] | None, str | None]:
+    """``fn``'s positional parameter names and ``*args`` name; ``(None, None)`` if it has
+    anything else (keyword-only or ``**`` parameters, defaults, a closure)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = list(inspect.signature(fn).parameters.values())
+    star = [p for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL]
+    if (fn.__defaults__ or fn.__kwdefaults__ or fn.__closure__
+            or any(p.kind not in kinds for p in params if p not in star)):
+        return None, None
+    return tuple(p.name for p in params if p not in star), star[0].name if star else None
+
+
+def _runs_whole(code: types.CodeType | None) -> bool:
+    """Compiled code that calls no resume function (no graph break: those would run eagerly
+    outside ``torch.compile``'s frame hook)."""
+    return code is not None and not any(n.startswith("__resume_at_") for n in code.co_names)
 
 
 def _key(args: tuple) -> tuple:
-    """Which entry probably serves ``args`` (tensors, tuples, hashable constants): tensor
-    shapes and the constants (the guards decide)."""
+    """Which entry probably serves ``args`` (the guards decide): tensor shapes, tuple types and
+    the other arguments themselves."""
     return tuple(a.shape if isinstance(a, Tensor) else type(a) if isinstance(a, tuple) else a
                  for a in args)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from bnbench.norm.kernels import Precompiled
@@ -52,7 +54,7 @@ def test_precompiled_runs_dynamos_code_directly_and_obeys_its_guards():
     check(x, 0.5, True, torch.ones(5), dynamo_calls=5)
     with torch.no_grad():  # global state guard (grad mode)
         check(x, 0.5, True, dynamo_calls=6)
-    assert len(fn._entries) == 6
+    assert len(fn._runs) == 6
 
 
 def test_precompiled_routes_keys_dynamo_would_not_compile_to_dynamo():
@@ -62,7 +64,22 @@ def test_precompiled_routes_keys_dynamo_would_not_compile_to_dynamo():
     fn(x, 1.0, True)
     for _ in range(2):  # past the limit Dynamo runs the function eagerly; so do we
         torch.testing.assert_close(fn(x, 1.0, False)[0], _scaled_sum(x.clone(), 1.0, False)[0])
-    assert dynamo.calls == 3 and len(fn._entries) == 1
+    assert dynamo.calls == 3 and len(fn._runs) == 1
+
+
+class _Base:
+    pass
+
+
+def _sign(x: torch.Tensor, obj: object):
+    return x + 1 if isinstance(obj, _Base) else x - 1
+
+
+def _instance_of_a_new_class(base: type) -> object:
+    class Local(base):
+        pass
+
+    return Local()
 
 
 def test_precompiled_follows_dynamo_resets_and_invalidations():
@@ -71,13 +88,21 @@ def test_precompiled_follows_dynamo_resets_and_invalidations():
     x = torch.randn(3, 5)
     fn(x, 1.0, True)
     fn(x, 1.0, True)
-    assert dynamo.calls == 1 and len(fn._entries) == 1
-    torch._dynamo.reset()  # Dynamo drops its entries: so do we, and compile afresh
+    assert dynamo.calls == 1 and len(fn._runs) == 1
+    torch._dynamo.reset()  # Dynamo frees its entries: so do we, and compile afresh
     torch.testing.assert_close(fn(x, 1.0, True)[0], _scaled_sum(x, 1.0, True)[0])
-    assert dynamo.calls == 2 and len(fn._entries) == 1
-    fn._entries[0]._cache_entry = type("Invalidated", (), {"code": None})()
-    fn(x, 1.0, True)  # an invalidated entry is never run (its guards would accept anything)
-    assert dynamo.calls == 3
+    assert dynamo.calls == 2 and len(fn._runs) == 1
+
+    # Guards that match a class by identity: when it dies Dynamo invalidates the entry (its
+    # guards would then accept anything), and it must never run again.
+    fn = Precompiled(_sign)
+    dynamo = fn.compiled = _Counting(fn.compiled)
+    x = torch.zeros(2)
+    torch.testing.assert_close(fn(x, _instance_of_a_new_class(_Base)), x + 1)
+    gc.collect()
+    for _ in range(50):  # new classes, some at the dead one's address
+        torch.testing.assert_close(fn(x, _instance_of_a_new_class(object)), x - 1)
+    assert dynamo.calls > 1
 
 
 def _with_default(x: torch.Tensor, scale: float = 2.0):
@@ -96,15 +121,15 @@ def _with_graph_break(x: torch.Tensor):
 
 def test_precompiled_leaves_to_torch_compile_what_it_cannot_call_directly():
     x = torch.randn(3, 5)
-    for fn, args, ref in [
-        (Precompiled(_with_default), (x,), x * 2),  # defaults: not a plain signature
-        (Precompiled(_with_graph_break), (x,), (x + 1) * 2),  # resume functions: eager
-        (Precompiled(_plus_all), (x, [x, x]), x * 3),  # unhashable argument
+    for fn, args, ref, calls in [
+        (Precompiled(_with_default), (x,), x * 2, (1, 2)),  # defaults: not a plain signature
+        (Precompiled(_with_graph_break), (x,), (x + 1) * 2, (1, 2)),  # resume functions
+        (Precompiled(_plus_all), (x, [x, x]), x * 3, (1, 1)),  # a list: guarded, direct
     ]:
         dynamo = fn.compiled = _Counting(fn.compiled)
-        for calls in (1, 2):
+        for n in calls:
             torch.testing.assert_close(fn(*args), ref)
-            assert dynamo.calls == calls
+            assert dynamo.calls == n
     fn = Precompiled(_scaled_sum)
     dynamo = fn.compiled = _Counting(fn.compiled)
     fn(x, 1.0, True)

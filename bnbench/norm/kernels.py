@@ -222,8 +222,8 @@ class Precompiled:
     def __init__(self, fn: Callable, recompile_limit: int = 64) -> None:
         self.fn = fn
         self._names, self._star = _positional(fn)
-        self._entries: list[_Entry] = []
-        self._by_key: dict[tuple, object] = {}
+        self._runs: dict[types.CodeType, Callable | None] = {}  # compiled code → function
+        self._by_key: dict[tuple, object] = {}  # argument key → code that served it last
         config = torch._dynamo.config
         self._floats = (functools.partial(config.patch, specialize_float=True)
                         if hasattr(config, "specialize_float") else contextlib.nullcontext)
@@ -233,7 +233,6 @@ class Precompiled:
             self._region = self.compiled._isolate_recompiles_id
             self._eval_frame = torch._dynamo.eval_frame
             self._entries_of = self._eval_frame._get_cache_entries_for_region
-            self._cache_size = torch._C._dynamo.eval_frame._get_total_cache_entry_count
             self._fx_tracing = torch.fx._symbolic_trace._get_is_fx_tracing
             self._direct = self._names is not None and self._eval_frame._stance is not None
         except (TypeError, AttributeError):  # older PyTorch: plain torch.compile calls
@@ -246,25 +245,49 @@ class Precompiled:
     def __call__(self, *args):
         if not self._direct or self._wrapper_needed():
             return self._through_dynamo(*args)
-        if self._cache_size(self.fn.__code__) < len(self._entries):  # torch._dynamo.reset()
-            self._refresh()
         key = _key(args)
-        try:
-            entry = self._by_key.get(key)
-        except TypeError:  # an unhashable argument
+        last = self._by_key.get(key)
+        if last is _DYNAMO:
             return self._through_dynamo(*args)
-        if entry is _DYNAMO:
-            return self._through_dynamo(*args)
-        f_locals = self._locals(args)
-        if entry is None or not entry.accepts(f_locals):
-            entry = next((e for e in self._entries if e.accepts(f_locals)), None)
-            if entry is None:  # Dynamo decides (and compiles) as usual
-                out = self._through_dynamo(*args)
-                if not self._refresh():  # e.g. past the recompile limit: Dynamo runs it
-                    self._by_key[key] = _DYNAMO
-                return out
-            self._by_key[key] = entry
-        return entry.run(*args)
+        # Dynamo's live entries, fetched on every call: an entry must not be held (reset()
+        # frees them; an invalidated one has its code cleared and accepts anything).
+        cache = self._entries_of(self.fn.__code__, self._region)
+        code = self._accepting(cache, last, self._locals(args))
+        if code is None:  # Dynamo decides (and compiles) as usual
+            out = self._through_dynamo(*args)
+            if not self._take_new_entries():  # e.g. past the recompile limit: Dynamo runs it
+                self._by_key[key] = _DYNAMO
+            return out
+        self._by_key[key] = code
+        return self._runs[code](*args)
+
+    def _accepting(self, cache: list, last: object, f_locals: dict) -> types.CodeType | None:
+        """The compiled code of the entry whose guards accept ``f_locals`` (the one that
+        served the same key last is tried first)."""
+        if last is not None:
+            for entry in cache:
+                if entry.code is last and entry.guard_manager.check(f_locals):
+                    return last
+        for entry in cache:
+            code = entry.code
+            if (code is not None and code is not last and self._runs.get(code) is not None
+                    and entry.guard_manager.check(f_locals)):
+                return code
+        return None
+
+    def _take_new_entries(self) -> bool:
+        """Make functions of the live entries' compiled code (none for code with graph
+        breaks), forget those of dropped entries; whether any entry is new."""
+        live = [e.code for e in self._entries_of(self.fn.__code__, self._region)
+                if e.code is not None]
+        new = [code for code in live if code not in self._runs]
+        if len(live) - len(new) < len(self._runs):  # some were dropped
+            self._runs = {code: run for code, run in self._runs.items() if code in live}
+            self._by_key.clear()
+        for code in new:
+            self._runs[code] = (types.FunctionType(code, self.fn.__globals__, self.fn.__name__)
+                                if _runs_whole(code) else None)
+        return bool(new)
 
     def _wrapper_needed(self) -> bool:
         """Whether ``torch.compile``'s wrapper must run: a non-default stance (e.g.
@@ -283,38 +306,8 @@ class Precompiled:
             f_locals[self._star] = args[len(self._names):]
         return f_locals
 
-    def _refresh(self) -> bool:
-        """Take Dynamo's current usable entries; whether they changed."""
-        cache = self._entries_of(self.fn.__code__, self._region)
-        usable = [c for c in cache if _runs_whole(c.code)]
-        if {c.code for c in usable} == {e.code for e in self._entries if e.valid}:
-            return False
-        self._entries = [_Entry(c, self.fn) for c in usable]
-        self._by_key.clear()
-        return True
-
     def _release(self) -> None:
-        self._entries, self._by_key = [], {}
-
-
-class _Entry:
-    """One of Dynamo's cache entries of a function: its guards and its compiled code (the
-    function's transformed bytecode, which calls the compiled graph)."""
-
-    def __init__(self, cache_entry, fn: Callable) -> None:
-        self._cache_entry = cache_entry
-        self.code = cache_entry.code
-        self._check = cache_entry.guard_manager.check
-        self.run = types.FunctionType(self.code, fn.__globals__, fn.__name__)
-
-    @property
-    def valid(self) -> bool:
-        """Dynamo clears an entry's code when it invalidates it (an object its guards match
-        by identity died; its guard manager then accepts anything)."""
-        return self._cache_entry.code is not None
-
-    def accepts(self, f_locals: dict) -> bool:
-        return self._cache_entry.code is not None and self._check(f_locals)
+        self._runs, self._by_key = {}, {}
 
 
 _DYNAMO = object()  # in ``_by_key``: a key that Dynamo serves itself
@@ -345,10 +338,14 @@ def _runs_whole(code: types.CodeType | None) -> bool:
     return code is not None and not any(n.startswith("__resume_at_") for n in code.co_names)
 
 
+_CONSTANTS = (bool, int, float, str, type(None), types.FunctionType)
+
+
 def _key(args: tuple) -> tuple:
-    """Which entry probably serves ``args`` (the guards decide): tensor shapes, tuple types and
-    the other arguments themselves."""
-    return tuple(a.shape if isinstance(a, Tensor) else type(a) if isinstance(a, tuple) else a
+    """Which entry probably serves ``args`` (the guards decide): tensor shapes, plain constants
+    and module-level functions by value, any other object by type (a key holds no tensor or
+    instance alive)."""
+    return tuple(a.shape if isinstance(a, Tensor) else a if isinstance(a, _CONSTANTS) else type(a)
                  for a in args)
 
 

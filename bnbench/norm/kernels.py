@@ -214,9 +214,10 @@ class Precompiled:
     Calls go through ``torch.compile`` under a non-default ``torch.compiler.set_stance``,
     under FX or TorchScript tracing, and where PyTorch lacks recompile regions. Not
     supported: ``torch.compiler.set_enable_guard_collectives(True)`` (a direct call issues no
-    guard collective). Entries invalidated or dropped by Dynamo (``torch._dynamo.reset()``)
-    are dropped here too; the rest are released at exit, before the interpreter tears down
-    Dynamo's cleanup hooks of their code.
+    guard collective). Dynamo's entries are read afresh on every call, never held
+    (``torch._dynamo.reset()`` frees them; an invalidated one has no code); only their
+    compiled code is kept, released when Dynamo drops the entry and at exit (before the
+    interpreter tears down Dynamo's cleanup hooks of that code).
     """
 
     def __init__(self, fn: Callable, recompile_limit: int = 64) -> None:

@@ -201,12 +201,12 @@ class Precompiled:
     CBN's ρ: constants of a layer, one graph per value; as dynamic graph inputs each cost a
     tensor conversion and a kernel argument per call: ~25 µs per GhostBN step measured on the
     tiny bench layer). Later calls check the guards of the entry that last served their
-    argument shapes (:func:`_key`), then of the others (Dynamo's guard managers, global state
-    such as grad mode, autocast and dtype defaults included), and run that entry's compiled
-    code (the function's transformed bytecode) directly; a call no entry accepts goes through
-    ``torch.compile`` again. So a guard hit runs the code ``torch.compile`` would, with less
-    Python around it: 15–25 µs less per call on the 2-core CPU here, most of a small layer's
-    fixed cost (two calls per training step).
+    argument count and first shape (:func:`_hint`), then of the others (Dynamo's guard
+    managers, global state such as grad mode, autocast and dtype defaults included), and run
+    that entry's compiled code (the function's transformed bytecode) directly; a call no entry
+    accepts goes through ``torch.compile`` again. So a guard hit runs the code
+    ``torch.compile`` would, with less Python around it: 15–25 µs less per call on the 2-core
+    CPU here, most of a small layer's fixed cost (two calls per training step).
 
     Scope: ``fn`` takes positional parameters and ``*args`` only (no defaults, no closure;
     otherwise every call goes through ``torch.compile``), and the entries used are those of
@@ -224,7 +224,8 @@ class Precompiled:
         self.fn = fn
         self._names, self._star = _positional(fn)
         self._runs: dict[types.CodeType, Callable | None] = {}  # compiled code → function
-        self._by_key: dict[tuple, object] = {}  # argument key → code that served it last
+        self._by_hint: dict[tuple, types.CodeType] = {}  # :func:`_hint` → code that served it
+        self._dynamo_keys: set[tuple] = set()  # :func:`_key`\ s no entry is compiled for
         config = torch._dynamo.config
         self._floats = (functools.partial(config.patch, specialize_float=True)
                         if hasattr(config, "specialize_float") else contextlib.nullcontext)
@@ -246,29 +247,29 @@ class Precompiled:
     def __call__(self, *args):
         if not self._direct or self._wrapper_needed():
             return self._through_dynamo(*args)
-        key = _key(args)
-        last = self._by_key.get(key)
-        if last is _DYNAMO:
-            return self._through_dynamo(*args)
+        hint = _hint(args)
+        last = self._by_hint.get(hint)
         # Dynamo's live entries, fetched on every call: an entry must not be held (reset()
         # frees them; an invalidated one has its code cleared and accepts anything).
         cache = self._entries_of(self.fn.__code__, self._region)
-        code = self._accepting(cache, last, self._locals(args))
-        if code is None:  # Dynamo decides (and compiles) as usual
-            out = self._through_dynamo(*args)
-            if not self._take_new_entries():  # e.g. past the recompile limit: Dynamo runs it
-                self._by_key[key] = _DYNAMO
-            return out
-        self._by_key[key] = code
+        f_locals = self._locals(args)
+        code = _last_accepting(cache, last, f_locals) if last is not None else None
+        if code is None:
+            key = _key(args)
+            if key in self._dynamo_keys:
+                return self._through_dynamo(*args)
+            code = self._accepting(cache, last, f_locals)
+            if code is None:  # Dynamo decides (and compiles) as usual
+                out = self._through_dynamo(*args)
+                if not self._take_new_entries():  # e.g. past the recompile limit: Dynamo's
+                    self._dynamo_keys.add(key)
+                return out
+            self._by_hint[hint] = code
         return self._runs[code](*args)
 
     def _accepting(self, cache: list, last: object, f_locals: dict) -> types.CodeType | None:
-        """The compiled code of the entry whose guards accept ``f_locals`` (the one that
-        served the same key last is tried first)."""
-        if last is not None:
-            for entry in cache:
-                if entry.code is last and entry.guard_manager.check(f_locals):
-                    return last
+        """The compiled code of an entry other than ``last`` whose guards accept
+        ``f_locals``."""
         for entry in cache:
             code = entry.code
             if (code is not None and code is not last and self._runs.get(code) is not None
@@ -284,7 +285,8 @@ class Precompiled:
         new = [code for code in live if code not in self._runs]
         if len(live) - len(new) < len(self._runs):  # some were dropped
             self._runs = {code: run for code, run in self._runs.items() if code in live}
-            self._by_key.clear()
+            self._by_hint.clear()
+            self._dynamo_keys.clear()
         for code in new:
             self._runs[code] = (types.FunctionType(code, self.fn.__globals__, self.fn.__name__)
                                 if _runs_whole(code) else None)
@@ -308,10 +310,17 @@ class Precompiled:
         return f_locals
 
     def _release(self) -> None:
-        self._runs, self._by_key = {}, {}
+        self._runs, self._by_hint, self._dynamo_keys = {}, {}, set()
 
 
-_DYNAMO = object()  # in ``_by_key``: a key that Dynamo serves itself
+def _last_accepting(cache: list, last: types.CodeType, f_locals: dict) -> types.CodeType | None:
+    """``last`` if its entry is live and its guards accept ``f_locals``."""
+    for entry in cache:
+        if entry.code is last:
+            return last if entry.guard_manager.check(f_locals) else None
+    return None
+
+
 _LIVE: weakref.WeakSet[Precompiled] = weakref.WeakSet()
 
 
@@ -342,10 +351,17 @@ def _runs_whole(code: types.CodeType | None) -> bool:
 _CONSTANTS = (bool, int, float, str, type(None), types.FunctionType)
 
 
+def _hint(args: tuple) -> tuple:
+    """Which entry probably serves ``args``, cheaply: their number and the first one's
+    shape (the guards decide)."""
+    first = args[0] if args else None
+    return len(args), first.shape if isinstance(first, Tensor) else type(first)
+
+
 def _key(args: tuple) -> tuple:
-    """Which entry probably serves ``args`` (the guards decide): tensor shapes, plain constants
-    and module-level functions by value, any other object by type (a key holds no tensor or
-    instance alive)."""
+    """The arguments as far as the guards can tell them apart here, to remember those Dynamo
+    serves itself: tensor shapes, plain constants and functions by value, any other object by
+    type (a key holds no tensor or instance alive)."""
     return tuple(a.shape if isinstance(a, Tensor) else a if isinstance(a, _CONSTANTS) else type(a)
                  for a in args)
 

@@ -234,7 +234,8 @@ class Precompiled:
                                           isolate_recompiles=True)
             self._region = self.compiled._isolate_recompiles_id
             self._eval_frame = torch._dynamo.eval_frame
-            self._entries_of = self._eval_frame._get_cache_entries_for_region
+            self._entries_of = torch._C._dynamo.eval_frame._get_cache_entries_for_region
+            self._jit_tracing = torch._C._is_tracing
             self._fx_tracing = torch.fx._symbolic_trace._get_is_fx_tracing
             self._direct = self._names is not None and self._eval_frame._stance is not None
         except (TypeError, AttributeError):  # older PyTorch: plain torch.compile calls
@@ -295,7 +296,7 @@ class Precompiled:
     def _wrapper_needed(self) -> bool:
         """Whether ``torch.compile``'s wrapper must run: a non-default stance (e.g.
         ``force_eager``), or FX or TorchScript tracing."""
-        return (self._eval_frame._stance.stance != "default" or torch._C._is_tracing()
+        return (self._eval_frame._stance.stance != "default" or self._jit_tracing()
                 or self._fx_tracing())
 
     def _through_dynamo(self, *args):

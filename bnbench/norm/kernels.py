@@ -343,10 +343,10 @@ def _positional(fn: Callable) -> tuple[tuple[str, ...] | None, str | None]:
     return tuple(p.name for p in params if p not in star), star[0].name if star else None
 
 
-def _runs_whole(code: types.CodeType | None) -> bool:
+def _runs_whole(code: types.CodeType) -> bool:
     """Compiled code that calls no resume function (no graph break: those would run eagerly
     outside ``torch.compile``'s frame hook)."""
-    return code is not None and not any(n.startswith("__resume_at_") for n in code.co_names)
+    return not any(n.startswith("__resume_at_") for n in code.co_names)
 
 
 _CONSTANTS = (bool, int, float, str, type(None), types.FunctionType)

@@ -93,6 +93,17 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def device_for(want: str | None) -> torch.device:
+    """The device of this process for ``trainer.device``/``--device`` (``auto``/``None``: this
+    rank's GPU when CUDA is available, else the CPU; ``cuda`` without CUDA is an error)."""
+    cuda = torch.cuda.is_available()
+    if want == "cuda" and not cuda:
+        raise BnbenchError(f"device {want}: no CUDA device is available on this machine")
+    if want == "cpu" or not cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank())
+
+
 # -- environments ---------------------------------------------------------------------------
 
 

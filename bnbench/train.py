@@ -27,7 +27,7 @@ from bnbench.errors import BnbenchError
 from bnbench.evaluate import evaluate, sync_population_stats
 from bnbench.logs import RunLog, write_json
 from bnbench.models import build_model
-from bnbench.norm import bn_layers, eval_stats_mode
+from bnbench.norm import bn_layers, eval_stats_mode, is_norm
 from bnbench.population import preserved_population, update_population_stats
 
 log = logging.getLogger("bnbench")
@@ -86,23 +86,13 @@ def param_groups(model: nn.Module, weight_decay: float, no_wd_norm_bias: bool) -
         ]
     decay, no_decay = [], []
     for module in model.modules():
-        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                (no_decay if is_norm or name == "bias" else decay).append(p)
+                (no_decay if is_norm(module) or name == "bias" else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    want = cfg.trainer.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise BnbenchError("trainer.device=cuda: no CUDA device is available")
-    if want == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", D.local_rank())
 
 
 def _stats_kinds(model: nn.Module, precise: bool) -> list[str]:
@@ -119,7 +109,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path | None) -> None:
         self.cfg = cfg
         self.rank, self.world = D.rank(), D.world_size()
-        self.device = _device(cfg)
+        self.device = D.device_for(cfg.trainer.device)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)

@@ -57,7 +57,6 @@ class NormConfig:
     nbs: Optional[int] = None
     eval_stats: Optional[str] = None
     eval_nbs: Optional[int] = None
-    kernel: Optional[str] = None
     group_size: Optional[int] = None
     freeze_affine: Optional[bool] = None
     rmax: Optional[float] = None

@@ -19,6 +19,12 @@ forward of the whole population as a single batch (up to the ``n/(n−1)`` of th
 the earlier layers normalize with, as at inference), at a cost quadratic in depth; a layer that
 runs more than once per forward (shared across inputs) is refused there.
 Domain-specific layers report each input to its domain's slot, written to that slot.
+
+It works on any model, as fvcore's ``update_bn_stats`` does: bnbench's layers and PyTorch's own
+``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` (with running statistics; observed through a
+forward hook that normalizes with the batch's statistics, per process). Other stateful layers are
+not touched: the model runs in eval mode (dropout off). A model without any such layer is an
+error, not a silent no-op.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from contextlib import contextmanager, suppress
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnbench.errors import BnbenchError
-from bnbench.norm import bn_layers, eval_stats_mode
-from bnbench.norm.base import BatchNorm2d
+from bnbench.norm import eval_stats_mode
+from bnbench.norm.base import BatchNorm2d, batch_moments
 
 ESTIMATORS = ("population", "batch_mean")
 Batches = Callable[[], Iterable[Tensor]]
@@ -67,23 +74,61 @@ class _StopForward(Exception):
     """Raised by a layer-by-layer observer once its layer has reported."""
 
 
+#: PyTorch's layers with population statistics that PreciseBN recomputes (ours subclass one).
+TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def population_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` whose population statistics PreciseBN recomputes, in
+    registration order: batch norms with running statistics, FrozenBN excluded (its
+    statistics are constants of the model)."""
+    return [m for m in model.modules()
+            if isinstance(m, TORCH_BN) and m.running_mean is not None
+            and not getattr(m, "frozen", False)]
+
+
+def _has_population(model: nn.Module) -> bool:
+    return any(isinstance(m, TORCH_BN) and m.running_mean is not None for m in model.modules())
+
+
+def _torch_hook(observer):
+    """A forward hook for a PyTorch batch norm (in eval mode): report the batch statistics of
+    its input and replace its output by the input normalized with them."""
+
+    def hook(layer: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        x = inputs[0]
+        mean, var = batch_moments(x.detach())
+        observer(layer, 0, mean, var, x.numel() // x.shape[1])
+        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), layer.weight, layer.bias,
+                            False, 0.0, layer.eps)
+
+    return hook
+
+
 @contextmanager
-def observing(layers: Iterable[BatchNorm2d], observer) -> Iterator[None]:
+def observing(layers: Iterable[nn.Module], observer) -> Iterator[None]:
     """Attach ``observer`` to ``layers`` for the duration of the block."""
     layers = list(layers)
+    handles = []
     for layer in layers:
-        layer._observer = observer
+        if isinstance(layer, BatchNorm2d):
+            layer._observer = observer
+        else:
+            handles.append(layer.register_forward_hook(_torch_hook(observer)))
     try:
         yield
     finally:
         for layer in layers:
-            layer._observer = None
+            if isinstance(layer, BatchNorm2d):
+                layer._observer = None
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
 def preserved_population(model: nn.Module) -> Iterator[None]:
     """Restore every layer's population statistics on exit (PreciseBN must not alter training)."""
-    saved = [(m, m.running_mean.clone(), m.running_var.clone()) for m in bn_layers(model)]
+    saved = [(m, m.running_mean.clone(), m.running_var.clone()) for m in population_layers(model)]
     try:
         yield
     finally:
@@ -94,7 +139,7 @@ def preserved_population(model: nn.Module) -> Iterator[None]:
 
 
 def _collect(
-    model: nn.Module, layers: list[BatchNorm2d], batches: Batches, stop_after: int = 0
+    model: nn.Module, layers: list[nn.Module], batches: Batches, stop_after: int = 0
 ) -> dict[tuple[int, int], _Moments]:
     """Forward every batch, accumulating the statistics each of ``layers`` reports per slot;
     with ``stop_after > 0`` each forward stops after that many reports (layer-by-layer)."""
@@ -102,7 +147,7 @@ def _collect(
     acc: dict[tuple[int, int], _Moments] = {}
     reports = [0]
 
-    def observer(layer: BatchNorm2d, slot: int, mean: Tensor, var: Tensor, count: int) -> None:
+    def observer(layer: nn.Module, slot: int, mean: Tensor, var: Tensor, count: int) -> None:
         reports[0] += 1
         if count > 0:
             key = (index[id(layer)], slot)
@@ -135,27 +180,29 @@ def _reduce(acc: dict[tuple[int, int], _Moments], keys: list[tuple[int, int]]) -
 
 @torch.no_grad()
 def _assign(
-    layers: list[BatchNorm2d], acc: dict[tuple[int, int], _Moments], estimator: str
+    layers: list[nn.Module], acc: dict[tuple[int, int], _Moments], estimator: str
 ) -> None:
     keys = sorted(acc)
     _check_keys(keys, layers[0].running_mean.device)
     _reduce(acc, keys)
     for i, slot in keys:
         mean, var = acc[(i, slot)].finish(estimator)
-        running_mean, running_var = layers[i].slot_population(slot)
+        layer = layers[i]
+        running_mean, running_var = (layer.slot_population(slot) if isinstance(layer, BatchNorm2d)
+                                     else (layer.running_mean, layer.running_var))
         running_mean.copy_(mean.to(running_mean.dtype))
         running_var.copy_(var.to(running_var.dtype))
 
 
 def _forward_order(
-    model: nn.Module, layers: list[BatchNorm2d], batches: Batches
-) -> list[tuple[BatchNorm2d, int]]:
+    model: nn.Module, layers: list[nn.Module], batches: Batches
+) -> list[tuple[nn.Module, int]]:
     """The layers in the order they first report, each with its number of reports per forward
     (its slots: one, or one per domain with domain statistics)."""
     slots: dict[int, list[int]] = {}
-    order: list[BatchNorm2d] = []
+    order: list[nn.Module] = []
 
-    def record(layer: BatchNorm2d, slot: int, mean: Tensor, var: Tensor, count: int) -> None:
+    def record(layer: nn.Module, slot: int, mean: Tensor, var: Tensor, count: int) -> None:
         seen = slots.setdefault(id(layer), [])
         if not seen:
             order.append(layer)
@@ -201,15 +248,20 @@ def _check_keys(keys: list[tuple[int, int]], device: torch.device) -> None:
 def update_population_stats(
     model: nn.Module, batches: Batches, *, estimator: str = "population", layerwise: bool = False
 ) -> None:
-    """Recompute the population statistics of every BN-family layer of ``model`` in place.
+    """Recompute the population statistics of every batch-norm layer of ``model`` in place.
 
     ``batches`` is a factory returning an iterable of input tensors (called once, or once per
     layer with ``layerwise=True``, which needs the same batches each time).
     """
     if estimator not in ESTIMATORS:
         raise BnbenchError(f"precise.estimator={estimator}: choose one of {', '.join(ESTIMATORS)}")
-    layers = [m for m in bn_layers(model) if not m.frozen]  # frozen statistics are constants
-    if not layers:
+    if not _has_population(model):
+        raise BnbenchError(
+            f"PreciseBN: {type(model).__name__} has no BatchNorm layer with population "
+            "statistics (GroupNorm/LayerNorm models have none to recompute)"
+        )
+    layers = population_layers(model)
+    if not layers:  # only FrozenBN: its statistics are constants
         return
     was_training = model.training
     model.eval()  # other layers (dropout) as at inference; BN layers observe regardless

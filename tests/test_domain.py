@@ -76,7 +76,7 @@ def close(a, b, **kw):
 
 # -- options, shapes, state -----------------------------------------------------------------
 def test_options_and_shapes():
-    expected = {"eps", "momentum", "eval_stats", "eval_nbs", "kernel", "num_domains", "train_stats",
+    expected = {"eps", "momentum", "eval_stats", "eval_nbs", "num_domains", "train_stats",
                 "pop_stats", "affine_mode"}
     assert expected == DOMAIN_OPTIONS
     bn = DomainBatchNorm2d(C, num_domains=D, pop_stats="domain", affine_mode="domain")

@@ -158,3 +158,73 @@ def test_shared_layer_sees_every_call_and_layerwise_refuses_it():
     torch.testing.assert_close(model.bn.running_var, union.var(1))
     with pytest.raises(BnbenchError, match="runs more than once per forward"):
         update_population_stats(model, lambda: x.split(4), layerwise=True)
+
+
+def _torch_bn_model() -> nn.Module:
+    """PyTorch's own layers of three ranks, never converted: PreciseBN must cover them all."""
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4), nn.Flatten(2),  # (N, 4, 25)
+        nn.Conv1d(4, 6, 1), nn.BatchNorm1d(6), nn.ReLU(), nn.Flatten(1),  # (N, 150)
+        nn.Linear(150, 5), nn.BatchNorm1d(5), nn.Unflatten(1, (5, 1, 1)),
+        nn.Conv2d(5, 3, 1), nn.SyncBatchNorm(3),  # one process: SyncBN is per-process BN
+    ).double()
+
+
+def test_plain_torch_layers_of_every_rank():
+    """On a model of ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm``, PreciseBN (Eq. 2) gives
+    each layer the mean and unbiased variance of all its inputs over the batches, every layer
+    normalizing with its own batch's statistics as in training. Reference: training-mode
+    forwards of the same batches (torch's own layers, no bnbench code), inputs recorded by
+    hooks and concatenated."""
+    model, x = _torch_bn_model(), _data(30)[:, :, None]  # (30, 3, 1, 5, 5)
+    batches = x.split([7, 13, 10])
+    reference = _torch_bn_model().train()
+    seen: dict[nn.Module, list[torch.Tensor]] = {}
+    for layer in reference.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.register_forward_pre_hook(lambda m, a: seen.setdefault(m, []).append(a[0]))
+    with torch.no_grad():
+        for batch in batches:
+            reference(batch)
+    update_population_stats(model, lambda: batches)
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(layers) == 4 and len(seen) == 4
+    for got, inputs in zip(layers, seen.values()):
+        h = torch.cat(inputs)
+        dims = [0, *range(2, h.dim())]
+        torch.testing.assert_close(got.running_mean, h.mean(dims))
+        torch.testing.assert_close(got.running_var, h.var(dims, unbiased=True))
+    assert model.training and all(int(m.num_batches_tracked) == 0 for m in layers)  # restored
+
+
+def test_plain_torch_layers_layerwise():
+    """Appendix A.3 on PyTorch's layers: each layer's exact population statistics with the
+    earlier ones already at theirs (a sequential float64 forward, layer by layer)."""
+    model, x = _torch_bn_model(), _data(24)[:, :, None]
+    update_population_stats(model, lambda: x.split(5), layerwise=True)
+    h = x
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                dims = [0, *range(2, h.dim())]
+                torch.testing.assert_close(layer.running_mean, h.mean(dims))
+                torch.testing.assert_close(layer.running_var, h.var(dims, unbiased=True))
+            h = layer.eval()(h)
+
+
+def test_a_model_without_batch_norm_is_an_error():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU())
+    with pytest.raises(BnbenchError, match="no BatchNorm layer"):
+        update_population_stats(net.double(), lambda: [_data(4)])
+
+
+def test_convert_leaves_other_ranks_alone():
+    """Every variant is 2-D: a BatchNorm1d/3d (or SyncBatchNorm) is never replaced by it."""
+    model = _torch_bn_model()
+    for name in ("ghost", "frozen", "gn"):
+        kinds = [type(m) for m in norms.convert(model, name).modules()]
+        assert kinds.count(nn.BatchNorm1d) == 2 and kinds.count(nn.BatchNorm3d) == 1
+        assert kinds.count(nn.SyncBatchNorm) == 1
+    x = _data(6)[:, :, None]
+    assert model.train()(x).shape == (6, 3, 1, 1)  # still runs

@@ -2,8 +2,10 @@
 
 ``convert(model, name, **options)`` swaps every ``nn.BatchNorm2d`` (and every layer a previous
 ``convert`` made) of a torchvision-style CNN in place, keeping affine parameters and population
-statistics where the new layer has them, and returns the model. ``make(name, **options)`` returns a
-``norm_layer(num_features)`` factory for model constructors.
+statistics where the new layer has them, and returns the model. Every variant is a 2-D layer, so
+``BatchNorm1d``/``BatchNorm3d`` (and ``SyncBatchNorm``, whose input may have any rank) are left as
+they are; PreciseBN (:mod:`bnbench.population`) still covers them. ``make(name, **options)``
+returns a ``norm_layer(num_features)`` factory for model constructors.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from bnbench.norm.base import BatchNorm2d
 from bnbench.norm.brn import BatchRenorm2d
 from bnbench.norm.group import group_norm, instance_norm, layer_norm
 
-BN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "kernel"})
+BN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs"})
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,20 @@ def make(name: str, **options: Any) -> Callable[[int], nn.Module]:
     return lambda num_features: entry.build(num_features, **opts)
 
 
+#: Every normalization layer of torch (weight decay treats their parameters alike).
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+              nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
+
+
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
+    """Whether ``module`` is a normalization layer (torch's or one of ours)."""
+    return isinstance(module, NORM_TYPES)
+
+
+def is_convertible(module: nn.Module) -> bool:
+    """What :func:`convert` replaces: 2-D batch norms (ours included) and group norms (what
+    ``gn``/``ln``/``in`` make). ``nn.SyncBatchNorm`` is not a ``BatchNorm2d`` and stays."""
+    return isinstance(module, (nn.BatchNorm2d, nn.GroupNorm))
 
 
 def convert(model: nn.Module, name: str, **options: Any) -> nn.Module:
@@ -185,7 +199,7 @@ def convert(model: nn.Module, name: str, **options: Any) -> nn.Module:
     swaps = []  # every new layer is built before the model changes (a bad option: untouched)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if is_norm(child) and child_name != "":
+            if is_convertible(child) and child_name != "":
                 new = factory(
                     child.num_features if hasattr(child, "num_features") else child.num_channels
                 )
@@ -247,6 +261,8 @@ __all__ = [
     "bn_layers",
     "check_options",
     "convert",
+    "is_convertible",
+    "is_norm",
     "make",
     "spec",
 ]

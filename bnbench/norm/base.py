@@ -7,12 +7,13 @@ so state dicts and ``isinstance`` checks are those of PyTorch). For an input ``x
     μ_S = mean_{n∈S, h, w} x,   σ²_S = mean_{n∈S, h, w} (x − μ_S)²      (biased, as in BN)
     y   = γ · (x − μ_S) / sqrt(σ²_S + ε) + β.
 
-What ``S`` is, is the subject of "Rethinking 'Batch' in BatchNorm" (Wu & Johnson 2021), and it is
-decided in :meth:`BatchNorm2d._batch_forward` and nowhere else:
+What ``S`` is, is the subject of "Rethinking 'Batch' in BatchNorm" (Wu & Johnson 2021). The run's
+sizes are planned in :mod:`bnbench.plan`; the layer mechanism that applies them is
+:meth:`BatchNorm2d._batch_forward`, and nowhere else:
 
 * ``nbs=None``: ``S`` is the whole per-process batch (standard BN, §3);
 * ``nbs=k``: ``S`` is each contiguous group of ``k`` samples (GhostBN, §4.1); when ``k`` does not
-  divide ``N`` the last ``N mod k`` samples form one smaller group;
+  divide ``N`` the last ``N mod k`` samples form one smaller group (:func:`ghost_batch_norm`);
 * ``process_group``: ``S`` is the union of the batches of all processes of the group (SyncBN, §4.1),
   statistics from a differentiable all-reduce of count-weighted sums and sums of squares;
 * at inference, ``eval_stats="population"`` uses the population statistics (``running_mean``,
@@ -29,22 +30,25 @@ Population statistics are an exponential moving average (EMA) during training:
 same update as ``λ · running + (1 − λ) · batch``, so ``λ = 1 − m`` (default ``m = 0.1``, λ = 0.9).
 As in PyTorch, the variance averaged into the EMA is the unbiased one, ``σ²_S · M / (M − 1)`` with
 ``M = |S|·H·W``. With several groups the EMA takes their count-weighted average.
+
+Every normalization runs PyTorch's own batch-norm kernel (``F.batch_norm``: cuDNN/oneDNN), except
+SyncBN over several processes and the variants whose statistics are not one batch's (CBN's window),
+which normalize with explicit tensor ops.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from bnbench.errors import BnbenchError
-from bnbench.norm.kernels import EAGER, Ema, Kernels, Transform, check_kernel, ema_step, select
+from bnbench.errors import BnbenchError, check_positive
 
 #: ``observer(layer, slot, mean, var, count)``: PreciseBN's hook, called with the biased batch
 #: mean and variance (shape ``(C,)``) of ``count`` elements per channel.
@@ -70,133 +74,96 @@ def check_momentum(momentum: float) -> float:
     return float(momentum)
 
 
-def check_positive(name: str, value: int | None, *, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BnbenchError(f"{name}={value}: must be a positive integer")
-    return value
+def statistics_dtype(x: Tensor) -> torch.dtype:
+    """BN statistics are fp32 at least (fp64 for fp64 inputs), also for fp16/bf16 activations."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def batch_moments(x: Tensor, kernels: Kernels = EAGER) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over ``(N, H, W)`` in fp32 at least (two-pass; no
-    autograd intended: EMA, PreciseBN and BRN's corrections)."""
-    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    mean, var = kernels.moments(xs.reshape(1, x.shape[0], x.shape[1], math.prod(x.shape[2:])))
-    return mean.view(-1), var.view(-1)
+def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` ``(N, C, …)`` over every dim but 1, in
+    :func:`statistics_dtype` (``torch.var_mean``; differentiable)."""
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x.to(statistics_dtype(x)), dim=dims, correction=0)
+    return mean, var
 
 
-class _BatchStatsNorm(torch.autograd.Function):
-    """BN over contiguous groups of samples (GhostBN), with the hooks of BRN and CBN.
+class Ema(NamedTuple):
+    """A training step's update of the population statistics (buffers, updated in place):
 
-    ``x`` is viewed as ``(G, n, C, L)``; batch statistics are per ``(g, c)`` over ``(n, L)``,
-    ``M = n·L``, and ``transform`` (default: BN) turns them into a
-    :class:`~bnbench.norm.kernels.Normalization`. Forward ``y = γ (r x̂ + d) + β``,
-    ``x̂ = (x − μ)·s``, ``s = 1/sqrt(σ² + ε)``; backward (BN's gradient per group with weight
-    ``γ r`` and ``M`` replaced by ``count·M``):
+    * ``rule="var"`` (BN): ``μ ← (1 − m) μ + m μ_B``, ``σ² ← (1 − m) σ² + m σ²_B·M/(M − 1)``
+      (PyTorch's EMA of the unbiased variance; ``m`` = ``momentum``, the paper's λ = 1 − m);
+    * ``rule="std"`` (Batch Renormalization, Algorithm 1): the same on ``μ`` and on
+      ``σ = sqrt(σ² + ε)``, stored as ``σ² − ε``;
 
-        ∂x = γ r s (∂y − (Σ∂y + x̂ Σ(∂y x̂)) / (count·M))
-        ∂γ = Σ_g (r Σ(∂y x̂) + d Σ∂y),   ∂β = Σ_g Σ∂y.
-
-    The passes over the data are :mod:`bnbench.norm.kernels` (eager or fused). Returns ``y``
-    (shape of ``x``) and the biased batch statistics ``(mean, var)`` ``(G, C)`` (no gradient).
+    and ``tracked`` (``num_batches_tracked``) += 1.
     """
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
-                eps: float, kernels: Kernels, ema: Ema | None, transform: Transform | None,
-                *args: Tensor):
-        xv = x.view(groups, x.shape[0] // groups, x.shape[1], -1)
-        # Plain tensors, not Parameters: torch.compile keeps Parameter shapes static.
-        w, b = (None if t is None else t.detach() for t in (weight, bias))
-        y, mean, var, *saved = kernels.forward(xv, w, b, eps, ema, transform, *args)
-        ctx.save_for_backward(x, w, *saved)
-        ctx.kernels, ctx.groups, ctx.n_args = kernels, groups, len(args)
-        mean, var = mean.view(groups, -1), var.view(groups, -1)
-        ctx.mark_non_differentiable(mean, var)  # the returned tensors themselves
-        ctx.set_materialize_grads(False)
-        # y in x's shape and not a view (detach drops the view relation; nothing else holds
-        # its storage): an inplace ReLU after BN may modify it. A view (made in here or
-        # outside) would be refused or cost autograd a zero-filled copy of the gradient.
-        return y.view(x.shape).detach(), mean, var
-
-    @staticmethod
-    @once_differentiable  # the backward uses forward constants: no double backward
-    def backward(ctx, grad_y: Tensor | None, _gm: Tensor | None, _gv: Tensor | None):
-        nones = (None,) * (5 + ctx.n_args)  # groups, eps, kernels, ema, transform, *args
-        if grad_y is None:
-            return None, None, None, *nones
-        x, weight, *saved = ctx.saved_tensors
-        xv = x.view(ctx.groups, x.shape[0] // ctx.groups, x.shape[1], -1)
-        grad_x, grad_w, grad_b = ctx.kernels.backward(grad_y.reshape(xv.shape), xv, weight, *saved)
-        grad_x = grad_x.view(x.shape) if ctx.needs_input_grad[0] else None
-        return (grad_x, grad_w if ctx.needs_input_grad[1] else None,
-                grad_b if ctx.needs_input_grad[2] else None, *nones)
-
-
-def grouped_batch_norm(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    nbs: int,
-    eps: float,
-    kernels: Kernels = EAGER,
-    transform: Transform | None = None,
-    *args: Tensor,
-    ema: Ema | None = None,
-) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-    """Normalize each contiguous group of ``nbs`` samples with its own statistics.
-
-    Returns ``(y, mean, var, counts)``: group statistics ``(G, C)`` (biased, no gradient) and the
-    number of elements per channel of each group. A remainder of ``N mod nbs`` samples is its
-    own, smaller group. ``transform(mean, var, eps, *args)`` (BRN, CBN) maps the statistics to
-    the normalization (:class:`~bnbench.norm.kernels.Normalization`); ``ema`` is the training
-    step's population update (:func:`update_population`; fused into the pass when the groups
-    are equal). Statistics and normalization are fp32 for fp16/bf16 inputs.
-    """
-    dtype = x.dtype
-    if dtype in (torch.float16, torch.bfloat16):  # statistics and normalization in fp32
-        x = x.float()
-        weight = weight.float() if weight is not None else None
-        bias = bias.float() if bias is not None else None
-    n, length = x.shape[0], math.prod(x.shape[2:])
-    groups, rest = divmod(n, nbs)
-    def apply(part: Tensor, groups: int, ema: Ema | None) -> tuple[Tensor, Tensor, Tensor]:
-        return _BatchStatsNorm.apply(part, weight, bias, groups, eps, kernels, ema, transform,
-                                     *args)
-
-    x = x.contiguous()
-    if rest == 0:
-        y, mean, var = apply(x, groups, ema)
-        return y.to(dtype), mean, var, [nbs * length] * groups
-    parts = [(x[: n - rest], groups)] if groups else []
-    parts.append((x[n - rest :], 1))
-    outs = [apply(part, g, None) for part, g in parts]
-    y = torch.cat([out[0] for out in outs])
-    counts = [nbs * length] * groups + [rest * length]
-    mean, var = torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])
-    if ema is not None:
-        update_population(ema, mean, var, counts, eps)
-    return y.to(dtype), mean, var, counts
+    running_mean: Tensor
+    running_var: Tensor
+    tracked: Tensor
+    momentum: float
+    rule: str = "var"
 
 
 @torch.no_grad()
-def update_population(ema: Ema, mean: Tensor, var: Tensor, counts: Sequence[int],
-                      eps: float) -> None:
-    """The :class:`~bnbench.norm.kernels.Ema` step from group statistics ``(G, C)`` (biased) of
-    ``counts[g]`` elements per channel: count-weighted means of the group means, of the biased
-    variances and of the unbiased ones ``σ²_g · c_g/(c_g − 1)``."""
-    counts = [int(c) for c in counts]
-    if len(set(counts)) == 1:  # equal groups (the usual case): plain means, fewer ops
-        c = counts[0]
-        batch_mean, batch_var = mean.mean(0), var.mean(0)
-        ema_step(ema, batch_mean, batch_var, batch_var * (c / max(c - 1, 1)), eps)
-        return
-    total = sum(counts)
-    w = torch.tensor([c / total for c in counts], dtype=mean.dtype, device=mean.device)
-    bessel = torch.tensor([c / max(c - 1, 1) for c in counts], dtype=mean.dtype,
-                          device=mean.device)
-    ema_step(ema, w @ mean, w @ var, (w * bessel) @ var, eps)
+def update_population(ema: Ema, mean: Tensor, var: Tensor, count: int, eps: float) -> None:
+    """One :class:`Ema` step from the biased batch statistics ``(C,)`` of ``count`` elements per
+    channel."""
+    rm, rv, m = ema.running_mean, ema.running_var, ema.momentum
+    rm.lerp_(mean.to(rm.dtype), m)
+    if ema.rule == "var":
+        rv.lerp_((var * (count / max(count - 1, 1))).to(rv.dtype), m)
+    else:
+        sigma = torch.lerp((rv.to(var.dtype) + eps).sqrt(), (var + eps).sqrt(), m)
+        rv.copy_((sigma * sigma - eps).clamp_min(0))
+    ema.tracked.add_(1)
+
+
+def ghost_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                     weight: Tensor | None, bias: Tensor | None, nbs: int, momentum: float,
+                     eps: float) -> Tensor:
+    """GhostBN (Rethinking §4.1): each contiguous group of ``nbs`` samples normalized with its own
+    statistics; a remainder of ``N mod nbs`` samples is one smaller group.
+
+    The ``G`` equal groups run as one ``F.batch_norm`` call: ``(G·nbs, C, …)`` is rearranged to
+    ``(nbs, G·C, …)``, so that channel ``g·C + c`` is channel ``c`` of group ``g``, with γ, β
+    repeated ``G`` times (their gradients sum over the groups). The EMA (``running_*`` given):
+    every group updates its own copy of the buffers natively, and the buffers become the
+    copies' count-weighted average — the EMA of the count-weighted mean of the group statistics,
+    since the update is affine in them (the unbiased variance is per group, ``M_g/(M_g − 1)``).
+    """
+    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    groups, remainder = divmod(n, nbs)
+    parts = [(x[: groups * nbs], groups)] if groups else []
+    if remainder:
+        parts.append((x[groups * nbs :], 1))
+    update = running_mean is not None
+    outputs, means, variances, weights = [], [], [], []
+    for part, g in parts:
+        size = part.shape[0] // g
+        # (the remainder, g = 1, is not rearranged: its output is then never a view)
+        grouped = part if g == 1 else (
+            part.view(g, size, c, *rest).transpose(0, 1).reshape(size, g * c, *rest))
+        rm = running_mean.repeat(g) if update else None
+        rv = running_var.repeat(g) if update else None
+        y = F.batch_norm(grouped, rm, rv, _repeat(weight, g), _repeat(bias, g), True, momentum,
+                         eps)
+        outputs.append(y if g == 1 else
+                       y.view(size, g, c, *rest).transpose(0, 1).reshape(part.shape))
+        if update:
+            means.append(rm.view(g, c))
+            variances.append(rv.view(g, c))
+            weights += [size / n] * g
+    if update:
+        with torch.no_grad():
+            w = torch.tensor(weights, dtype=running_mean.dtype, device=running_mean.device)
+            running_mean.copy_(w @ torch.cat(means))
+            running_var.copy_(w @ torch.cat(variances))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _repeat(t: Tensor | None, times: int) -> Tensor | None:
+    return t if t is None or times == 1 else t.repeat(times)
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -225,38 +192,40 @@ def sync_moments(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor, i
     its centered moments, so nothing cancels in low precision) and its count ``n_r``, in
     float64; one differentiable all-reduce sums them, so gradients reach every process's input
     (as in ``torch.nn.SyncBatchNorm``) and unequal or empty batches are weighted by count.
+    Works on any backend (gloo on CPU, NCCL on GPUs).
     """
-    n, c = x.shape[0], x.shape[1]
-    length = math.prod(x.shape[2:])  # not -1: an empty batch (n = 0) must reshape too
-    xv = (x if x.dtype in (torch.float32, torch.float64) else x.float()).reshape(1, n, c, length)
-    count = float(n * length)
+    c = x.shape[1]
+    count = float(x.numel() // c) if c else 0.0
     if count > 0:
-        mean_r, var_r = EAGER.moments(xv)  # eager: differentiable
-        mean_r, var_r = mean_r.view(c).double(), var_r.view(c).double()
+        mean_r, var_r = batch_moments(x)
+        mean_r, var_r = mean_r.double(), var_r.double()
         s1 = count * mean_r
         s2 = count * (var_r + mean_r**2)
     else:  # an empty rank still joins the all-reduce (and keeps the graph connected)
-        s1 = s2 = xv.sum(dim=(0, 1, 3), dtype=torch.float64)
+        s1 = s2 = x.sum(dim=[0, *range(2, x.dim())], dtype=torch.float64)
     packed = _SumOverRanks.apply(torch.cat([s1, s2, s1.new_full((1,), count)]), group)
     total = int(packed[-1].item())
     if total == 0:
         raise BnbenchError("syncbn: every process in the group has an empty batch")
     mean = packed[:c] / total
     var = (packed[c : 2 * c] / total - mean * mean).clamp_min(0)
-    dtype = torch.float32 if x.dtype != torch.float64 else x.dtype
+    dtype = statistics_dtype(x)
     return mean.to(dtype), var.to(dtype), total
 
 
 def normalize(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
-    """``γ (x − μ) / sqrt(σ² + ε) + β`` with per-channel ``mean``/``var`` (differentiable)."""
+    """``γ (x − μ) / sqrt(σ² + ε) + β`` with per-channel statistics that carry gradient (SyncBN,
+    CBN's window); centred first, so nothing cancels when ``|μ| ≫ σ``."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+    y = (x - mean.view(shape)) * scale.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y.to(x.dtype)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -271,8 +240,6 @@ class BatchNorm2d(nn.BatchNorm2d):
         eval_stats: ``"population"`` (EMA / PreciseBN statistics) or ``"batch"`` at inference.
         eval_nbs: group size for ``eval_stats="batch"``; ``None`` = the whole inference batch.
         frozen: normalize with the population statistics in training too (FrozenBN).
-        kernel: ``"auto"``, ``"compiled"`` or ``"eager"``: how the per-group passes of GhostBN,
-            BRN and CBN run (:mod:`bnbench.norm.kernels`; whole-batch BN is PyTorch's kernel).
     """
 
     def __init__(
@@ -287,7 +254,6 @@ class BatchNorm2d(nn.BatchNorm2d):
         eval_stats: str = "population",
         eval_nbs: int | None = None,
         frozen: bool = False,
-        kernel: str = "auto",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -301,12 +267,11 @@ class BatchNorm2d(nn.BatchNorm2d):
                 "norm: nbs (GhostBN) and sync (SyncBN) exclude each other: "
                 "NBS below the per-process batch is ghost, above it is syncbn"
             )
-        self.nbs = check_positive("norm.nbs", nbs)
+        self.nbs = check_positive("norm.nbs", nbs, integer=True, allow_none=True)
         self.process_group = process_group
         self.eval_stats = eval_stats
-        self.eval_nbs = check_positive("norm.eval_nbs", eval_nbs)
+        self.eval_nbs = check_positive("norm.eval_nbs", eval_nbs, integer=True, allow_none=True)
         self.frozen = bool(frozen)
-        self.kernel = check_kernel(kernel)
         self._observer: StatsObserver | None = None
 
     def extra_repr(self) -> str:
@@ -361,19 +326,16 @@ class BatchNorm2d(nn.BatchNorm2d):
         group = self.process_group
         if group is not None and self.training and dist.get_world_size(group) > 1:
             return self._sync_forward(x, group, weight, bias, update)
-        running_mean, running_var = self._population()
-        if nbs is None or nbs >= x.shape[0]:
-            self._check_group_size(x, x.shape[0])
-            if not update:
-                return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        whole = nbs is None or nbs >= x.shape[0]
+        self._check_group_size(x, x.shape[0] if whole else min(nbs, x.shape[0] % nbs or nbs))
+        running_mean, running_var = self._population() if update else (None, None)
+        if update:
             self.num_batches_tracked.add_(1)
-            return F.batch_norm(
-                x, running_mean, running_var, weight, bias, True, self.momentum, self.eps
-            )
-        self._check_group_size(x, min(nbs, x.shape[0] % nbs or nbs))
-        y, *_ = grouped_batch_norm(x, weight, bias, nbs, self.eps, self._kernels(x),
-                                   ema=self._ema() if update else None)
-        return y
+        if whole:
+            return F.batch_norm(x, running_mean, running_var, weight, bias, True, self.momentum,
+                                self.eps)
+        return ghost_batch_norm(x, running_mean, running_var, weight, bias, nbs, self.momentum,
+                                self.eps)
 
     def _sync_forward(
         self,
@@ -383,50 +345,18 @@ class BatchNorm2d(nn.BatchNorm2d):
         bias: Tensor | None,
         update: bool,
     ) -> Tensor:
-        if x.is_cuda and dist.get_backend(group) == "nccl" and self.training:
-            return self._native_sync_forward(x, group, weight, bias, update)
         mean, var, total = sync_moments(x, group)
         if total <= 1:
             raise BnbenchError(self._one_value_message(total))
         if update:
-            self._update_population(mean[None].detach(), var[None].detach(), [total])
+            update_population(self._ema(), mean.detach(), var.detach(), total, self.eps)
         return normalize(x, mean, var, weight, bias, self.eps)
-
-    def _native_sync_forward(
-        self,
-        x: Tensor,
-        group: dist.ProcessGroup,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        update: bool,
-    ) -> Tensor:
-        """CUDA/NCCL: PyTorch's fused SyncBN kernels (same statistics, same EMA rule)."""
-        from torch.nn.modules._functions import SyncBatchNorm as SyncFn
-
-        running_mean, running_var = self._population() if update else (None, None)
-        if update:
-            self.num_batches_tracked.add_(1)
-        return SyncFn.apply(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            self.eps,
-            self.momentum,
-            group,
-            dist.get_world_size(group),
-        )
-
-    def _kernels(self, x: Tensor) -> Kernels:
-        return select(self.kernel, x.device)
 
     def _observed_forward(self, x: Tensor) -> Tensor:
         """PreciseBN: normalize with the whole per-process batch and report its statistics."""
         self._check_group_size(x, x.shape[0])
-        mean, var = batch_moments(x.detach(), self._kernels(x))
-        count = x.numel() // x.shape[1]
-        self._observer(self, self._slot(), mean, var, count)
+        mean, var = batch_moments(x.detach())
+        self._observer(self, self._slot(), mean, var, x.numel() // x.shape[1])
         weight, bias = self._affine()
         return F.batch_norm(
             x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, self.eps
@@ -436,11 +366,6 @@ class BatchNorm2d(nn.BatchNorm2d):
         """This layer's population update in a training step (BN's rule)."""
         running_mean, running_var = self._population()
         return Ema(running_mean, running_var, self.num_batches_tracked, self.momentum)
-
-    def _update_population(self, mean: Tensor, var: Tensor, counts: Sequence[int]) -> None:
-        """EMA update from group statistics ``(G, C)`` of ``counts[g]`` elements per channel
-        (:func:`update_population`)."""
-        update_population(self._ema(), mean, var, counts, self.eps)
 
     def _check_group_size(self, x: Tensor, samples: int) -> None:
         count = samples * math.prod(x.shape[2:]) if x.shape[0] else 0
@@ -452,3 +377,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             f"{type(self).__name__}({self.num_features}): batch statistics over {count} value "
             "per channel; increase the batch (or nbs), or use population statistics"
         )
+
+
+__all__ = ["BatchNorm2d", "Ema", "batch_moments", "ghost_batch_norm", "normalize",
+           "sync_moments", "update_population"]

@@ -5,10 +5,10 @@ In training, with batch statistics μ_B, σ_B = sqrt(σ²_B + ε) and population
     r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)   (both detached)
     y = γ · (r · (x − μ_B) / σ_B + d) + β
 
-which is BatchNorm with affine ``(γ·r, γ·d + β)``: the gradient through μ_B, σ_B is BN's with
-weight ``γ r``, and ``∂γ = Σ ∂y (r x̂ + d)`` (GhostBN's kernel with one group and these hooks,
-:class:`bnbench.norm.base.Normalization`). ``r, d`` use the EMA before this batch's update, and
-the EMA is used at inference. ``ema="std"`` (default) is the BRN paper's (Algorithm 1):
+which is BatchNorm with affine ``(γ·r, γ·d + β)``: PyTorch's batch-norm kernel with that folded
+affine gives BN's gradient through μ_B, σ_B with weight ``γ r``, and autograd through the fold
+gives ``∂γ = Σ ∂y (r x̂ + d)``. ``r, d`` use the EMA before this batch's update, and the EMA is
+used at inference. ``ema="std"`` (default) is the BRN paper's (Algorithm 1):
 ``μ ← μ + m(μ_B − μ)``, ``σ ← σ + m(σ_B − σ)``, kept as ``running_var = σ² − ε`` (so
 ``sqrt(running_var + ε) = σ`` everywhere BN reads it); ``ema="var"`` is PyTorch BN's EMA of the
 unbiased batch variance.
@@ -24,11 +24,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d, grouped_batch_norm
-from bnbench.norm.kernels import Ema, Normalization
+from bnbench.norm.base import BatchNorm2d, Ema, batch_moments, update_population
 
 EMA = ("std", "var")
 
@@ -36,8 +36,7 @@ EMA = ("std", "var")
 def ramp(t: Tensor, start: Tensor | float, end: Tensor | float, final: Tensor | float,
          initial: Tensor | float) -> Tensor:
     """``initial`` until ``start``, then linear to ``final`` at ``end``, constant after (tensor
-    ops, also on tensor constants: the schedule follows ``num_batches_tracked`` on its device
-    with no host read-back, and the fused forward gets its constants as one tensor)."""
+    ops: the schedule follows ``num_batches_tracked`` on its device with no host read-back)."""
     start, end, final, initial = (torch.as_tensor(v, dtype=t.dtype, device=t.device)
                                   for v in (start, end, final, initial))
     span = end - start
@@ -88,32 +87,36 @@ class BatchRenorm2d(BatchNorm2d):
         dtype = torch.float64 if self.running_var.dtype == torch.float64 else torch.float32
         return tuple(float(v) for v in self.schedule.limits(self.num_batches_tracked, dtype))
 
-    def _packed_schedule(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """:attr:`schedule` as one tensor (built again only when it or dtype/device change)."""
-        key = (self.schedule, dtype, device)
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key:
-            cached = (key, self.schedule.packed(dtype, device))
-            self.__dict__["_packed"] = cached
-        return cached[1]
-
-    # Not traced into a compiled model: its backward would recompute r, d from the EMA buffers
-    # after this step's update has changed them (wrong ∂γ and ∂x, seen with torch 2.14);
-    # eagerly, autograd keeps this step's r, d. The layer's own passes are still fused.
+    # Not traced into a compiled model: the step reads the EMA that it then updates, and a traced
+    # backward may recompute r, d from the updated buffers. The layer runs eagerly there.
     @torch.compiler.disable
     def _train_forward(self, x: Tensor) -> Tensor:
         if self.rmax == 1.0 and self.dmax == 0.0 and self.ema == "var":  # BN, always
             return super()._train_forward(x)
         # During the warmup the limits are (1, 0): r = 1, d = 0 exactly, i.e. BN. Not branched
-        # on: the limits are computed in the fused forward, nothing is read back to the host.
+        # on: the limits are tensors on the buffers' device, nothing is read back to the host.
         self._check_group_size(x, x.shape[0])
-        # One group (the whole batch): r and d are constants for autograd in there.
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32  # the statistics'
-        y, *_ = grouped_batch_norm(
-            x, self.weight, self.bias, x.shape[0], self.eps, self._kernels(x), renorm,
-            self.running_mean, self.running_var, self.num_batches_tracked,
-            self._packed_schedule(cd, x.device), ema=self._ema())
-        return y
+        mean, var = batch_moments(x.detach())
+        r, d = self.corrections(mean, var)
+        update_population(self._ema(), mean, var, x.numel() // x.shape[1], self.eps)
+        weight = r if self.weight is None else self.weight * r
+        bias = d if self.weight is None else self.weight * d
+        if self.bias is not None:
+            bias = bias + self.bias
+        dtype = x.dtype if self.weight is None else self.weight.dtype
+        return F.batch_norm(x, None, None, weight.to(dtype), bias.to(dtype), True, 0.0, self.eps)
+
+    @torch.no_grad()
+    def corrections(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """BRN's ``r = clip(σ_B/σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ)/σ, −d_max, d_max)``
+        from the batch statistics ``(C,)`` and the EMA as it is (before this batch's update),
+        with the schedule's limits at ``num_batches_tracked``."""
+        dtype = mean.dtype
+        inv_std = torch.rsqrt(self.running_var.to(dtype) + self.eps)
+        rmax, dmax = self.schedule.limits(self.num_batches_tracked, dtype)
+        r = torch.clamp(torch.sqrt(var + self.eps) * inv_std, 1.0 / rmax, rmax)
+        d = torch.clamp((mean - self.running_mean.to(dtype)) * inv_std, -dmax, dmax)
+        return r, d
 
     def _ema(self) -> Ema:
         return super()._ema()._replace(rule=self.ema)  # "std": BRN Algorithm 1 on σ
@@ -132,34 +135,9 @@ class Schedule(NamedTuple):
     dmax: float
     scale: float
 
-    def packed(self, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
-        """The six numbers as one tensor, in field order (what the fused forward gets: a tensor
-        input instead of six float inputs)."""
-        return torch.tensor(self, dtype=dtype, device=device)
-
     def limits(self, iterations: Tensor,
                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """``(r_max, d_max)`` after ``iterations`` (tensor ops in ``dtype``, on its device)."""
-        return schedule_limits(iterations, self.packed(dtype, iterations.device))
-
-
-def schedule_limits(iterations: Tensor, packed: Tensor) -> tuple[Tensor, Tensor]:
-    """``(r_max, d_max)`` after ``iterations`` from a :meth:`Schedule.packed` tensor (its
-    dtype)."""
-    warmup, rmax_iters, dmax_iters, rmax, dmax, scale = packed.unbind()
-    t = iterations.to(packed.dtype) / scale  # float32 counts are exact up to 2²⁴
-    return ramp(t, warmup, rmax_iters, rmax, 1.0), ramp(t, warmup, dmax_iters, dmax, 0.0)
-
-
-def renorm(mean: Tensor, var: Tensor, eps: float, running_mean: Tensor, running_var: Tensor,
-           iterations: Tensor, schedule: Tensor) -> Normalization:
-    """BRN's ``r = clip(σ_B/σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ)/σ, −d_max, d_max)`` from
-    the batch statistics ``(1, 1, C, 1)`` and the EMA before this batch's update, with the
-    limits of the ``schedule`` (:meth:`Schedule.packed`) at ``iterations``
-    (``num_batches_tracked``)."""
-    shape, cd = mean.shape, mean.dtype
-    inv_std = torch.rsqrt(running_var.to(cd).view(shape) + eps)
-    rmax, dmax = schedule_limits(iterations, schedule.to(cd))
-    r = torch.clamp(torch.sqrt(var + eps) * inv_std, 1.0 / rmax, rmax)
-    d = torch.clamp((mean - running_mean.to(cd).view(shape)) * inv_std, -dmax, dmax)
-    return Normalization(mean, var, gain=r, offset=d)
+        t = iterations.to(dtype) / self.scale  # float32 counts are exact up to 2²⁴
+        return (ramp(t, self.warmup_iters, self.rmax_iters, self.rmax, 1.0),
+                ramp(t, self.warmup_iters, self.dmax_iters, self.dmax, 0.0))

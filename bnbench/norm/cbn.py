@@ -66,11 +66,11 @@ Implementation (our choices, exact in exact arithmetic):
   variance); ``num_batches_tracked`` is also the iteration count of the burn-in (``convert``
   copies it from the BN it replaces: a converted trained model skips the burn-in).
 * The history is a ring of fixed shape ``(k−1, …)`` with its count and next slot in the
-  ``hist_state`` buffer. The compensation, the window average and the new entry (written at a
-  device-side index; :func:`cbn_step`), then the EMA, run inside the fused forward: one pass
-  for all of the layer's statistics work; only the Jacobians' two convolutions run before it.
-  A training step reads nothing back to the host (only ``burnin > 0`` reads the iteration
-  count).
+  ``hist_state`` buffer; the new entry is written at a device-side index (:func:`record`), so a
+  training step reads nothing back to the host (only ``burnin > 0`` reads the iteration count).
+* The step is plain autograd: ``μ_t, σ²_t`` from ``torch.var_mean``, the window average, and
+  ``y = γ (x − μ̄) / sqrt(σ̄² + ε) + β``; autograd's gradient through ``μ̄, σ̄²`` is BN's with
+  ``M`` replaced by ``n·M`` (``n`` entries kept in the window).
 
 Not supported: activation checkpointing (``torch.utils.checkpoint``) of a CBN layer: the rerun of
 the forward would store a second entry and normalize with another window.
@@ -90,12 +90,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d, check_positive, grouped_batch_norm
-from bnbench.norm.kernels import Normalization
+from bnbench.errors import BnbenchError, check_positive
+from bnbench.norm.base import BatchNorm2d, batch_moments, normalize, update_population
 
-CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "kernel", "window", "burnin",
-                         "rho", "neg_var", "jacobian_dtype"})
+CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "window", "burnin", "rho",
+                         "neg_var", "jacobian_dtype"})
 NEG_VAR = ("clamp", "drop")
 JACOBIAN_DTYPES = ("float32", "bfloat16")
 
@@ -130,28 +129,25 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def window_statistics(mean: Tensor, var: Tensor, eps: float, past_mean: Tensor,
-                      past_var: Tensor, past_keep: Tensor) -> Normalization:
-    """The window's statistics from the current batch's ``(mean, var)`` ``(1, 1, C, 1)`` and the
-    earlier entries ``past_mean``, ``past_var`` (≥ 0), ``past_keep`` (0/1) ``(L, C)``
-    (constants). With ``n = 1 + Σ keep`` per channel,
+def window_statistics(mean: Tensor, var: Tensor, past_mean: Tensor, past_var: Tensor,
+                      past_keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The window's statistics ``(μ̄, σ̄²)`` ``(C,)`` from the current batch's ``(mean, var)``
+    ``(C,)`` (these carry the gradient) and the earlier entries ``past_mean``, ``past_var``
+    (≥ 0), ``past_keep`` (0/1) ``(L, C)`` (constants). With ``n = 1 + Σ keep`` per channel,
 
         μ̄ = (μ_t + Σ keep·μ_τ) / n,   σ̄² = (σ²_t + (μ_t − μ̄)² + Σ keep·(σ²_τ + (μ_τ − μ̄)²)) / n
 
-    so ``∂μ̄/∂x_i = 1/(nM)`` and ``∂σ̄²/∂x_i = 2(x_i − μ̄)/(nM)``: BN's backward at ``(μ̄, σ̄²)``
-    with ``M`` replaced by ``nM`` (``count = n``). ``eps`` is unused (the normalization adds it).
-    Entries not kept are masked, not multiplied by 0 (an unused ring slot may hold anything).
+    which is the paper's ``ν̄ − μ̄²`` without its cancellation. Entries not kept are masked, not
+    multiplied by 0 (an unused ring slot may hold anything).
     """
-    shape, cd = mean.shape, mean.dtype
-    mean, var = mean.view(1, -1), var.view(1, -1)
-    keep = past_keep.to(cd) > 0
-    past_mean, past_var = past_mean.to(cd), past_var.to(cd)
-    count = 1 + keep.to(cd).sum(0, keepdim=True)
-    wmean = (mean + torch.where(keep, past_mean, 0).sum(0, keepdim=True)) / count
+    dtype = mean.dtype
+    keep = past_keep.to(dtype) > 0
+    past_mean, past_var = past_mean.to(dtype), past_var.to(dtype)
+    count = 1 + keep.to(dtype).sum(0)
+    wmean = (mean + torch.where(keep, past_mean, 0).sum(0)) / count
     spread = past_var + (past_mean - wmean).square()
-    past = torch.where(keep, spread, 0).sum(0, keepdim=True)
-    wvar = (var + (mean - wmean).square() + past) / count
-    return Normalization(wmean.view(shape), wvar.view(shape), count=count.view(shape))
+    wvar = (var + (mean - wmean).square() + torch.where(keep, spread, 0).sum(0)) / count
+    return wmean, wvar
 
 
 def compensate(hist_mean: Tensor, hist_var: Tensor, drop: bool, rho: float,
@@ -177,21 +173,7 @@ def compensate(hist_mean: Tensor, hist_var: Tensor, drop: bool, rho: float,
     return mean, var.clamp_min(0), keep.to(var.dtype)
 
 
-def compensated_window(mean: Tensor, var: Tensor, eps: float, hist_mean: Tensor,
-                       hist_var: Tensor, hist_state: Tensor, drop: bool, rho: float,
-                       *jacobians: Tensor) -> Normalization:
-    """CBN's transform (runs inside the fused forward): :func:`compensate` the ring's entries
-    ``(k − 1, C)``, keep the ``hist_state[0]`` valid slots ``[0, count)``, and average with the
-    current batch (:func:`window_statistics`). Shapes are fixed and nothing is read back to the
-    host (no device synchronization)."""
-    cd = mean.dtype
-    past_mean, past_var, keep = compensate(hist_mean.to(cd), hist_var.to(cd), drop, rho,
-                                           *(t.to(cd) for t in jacobians))
-    slots = torch.arange(hist_mean.shape[0], device=hist_mean.device)
-    keep = torch.where((slots < hist_state[0])[:, None], keep, 0)
-    return window_statistics(mean, var, eps, past_mean, past_var, keep)
-
-
+@torch.no_grad()
 def record(mean: Tensor, var: Tensor, hist_mean: Tensor, hist_var: Tensor, hist_state: Tensor,
            entry: tuple[Tensor, ...], jacobians: tuple[Tensor, ...]) -> None:
     """Store the current iteration's ``(μ, σ²)`` ``(C,)`` in ring slot ``hist_state[1]`` (a
@@ -217,17 +199,6 @@ def record(mean: Tensor, var: Tensor, hist_mean: Tensor, hist_var: Tensor, hist_
     k1 = hist_mean.shape[0]
     hist_state[:1].add_(1).clamp_(max=k1)
     hist_state[1:].add_(1).remainder_(k1)
-
-
-def cbn_step(mean: Tensor, var: Tensor, eps: float, hist_mean: Tensor, hist_var: Tensor,
-             hist_state: Tensor, drop: bool, rho: float, entry: tuple[Tensor, ...],
-             *jacobians: Tensor) -> Normalization:
-    """CBN's transform in a training step (inside the fused forward): the window of the ring as
-    it is (:func:`compensated_window`), then the current iteration :func:`record`-ed into it."""
-    norm = compensated_window(mean, var, eps, hist_mean, hist_var, hist_state, drop, rho,
-                              *jacobians)
-    record(mean.view(-1), var.view(-1), hist_mean, hist_var, hist_state, entry, jacobians)
-    return norm
 
 
 class CrossIterationBatchNorm2d(BatchNorm2d):
@@ -265,7 +236,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
                                "supported")
         if isinstance(window, bool):
             raise BnbenchError(f"norm.window={window}: must be a positive integer")
-        self.window = check_positive("norm.window", window, allow_none=False)
+        self.window = check_positive("norm.window", window, integer=True)
         if (isinstance(burnin, bool) or not isinstance(burnin, (int, float))
                 or int(burnin) != burnin or burnin < 0):
             raise BnbenchError(f"norm.burnin={burnin}: must be a non-negative integer (iterations)")
@@ -431,20 +402,24 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             return super()._train_forward(x)
         self._check_group_size(x, x.shape[0])
         conv_input = self._conv_input(x) if self._needs_jacobians() else None
-        cd = torch.float64 if self.hist_mean.dtype == torch.float64 else torch.float32
         with _no_autocast(x.device):
-            weight, bias = self._affine()
+            mean, var = batch_moments(x)  # μ_t, σ²_t: the only terms with gradient
+            cd = mean.dtype
             jacobians = self._jacobian_args(cd)
-            # This iteration's Jacobians before the pass (the pass does their centring on μ,
-            # in record): the weight-gradient convolution does not wait for the statistics.
             entry = () if conv_input is None else self._raw_jacobians(conv_input, x, cd)
-            # The window, the normalization, the ring update and the EMA (from the current
-            # batch, as BN) in one pass.
-            y, *_ = grouped_batch_norm(
-                x, weight, bias, x.shape[0], self.eps, self._kernels(x), cbn_step,
-                self.hist_mean, self.hist_var, self.hist_state, self.neg_var == "drop",
-                self.rho, entry, *jacobians, ema=self._ema())
-        return y
+            with torch.no_grad():  # the earlier iterations, compensated to the current weights
+                past_mean, past_var, keep = compensate(
+                    self.hist_mean.to(cd), self.hist_var.to(cd), self.neg_var == "drop",
+                    self.rho, *(t.to(cd) for t in jacobians))
+                valid = torch.arange(self.window - 1, device=keep.device) < self.hist_state[0]
+                keep = torch.where(valid[:, None], keep, 0)
+            wmean, wvar = window_statistics(mean, var, past_mean, past_var, keep)
+            record(mean.detach(), var.detach(), self.hist_mean, self.hist_var, self.hist_state,
+                   entry, jacobians)
+            update_population(self._ema(), mean.detach(), var.detach(),
+                              x.numel() // x.shape[1], self.eps)
+            weight, bias = self._affine()
+            return normalize(x, wmean, wvar, weight, bias, self.eps)
 
     def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor]:
         """The conv's ``(W (C, P), b (C,))`` in ``cd`` (``b = 0`` without bias), rounded first
@@ -478,8 +453,8 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
                   mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``∂μ/∂W`` ``(G, C_in/G·kh·kw)`` (per group) and ``∂σ²_j/∂W_j`` ``(C, C_in/G·kh·kw)``
         of the paired conv, from its input ``conv_input`` and output ``y`` (analytic; ``mean``:
-        the per-channel mean of ``y`` if known). What a training step stores (there the
-        centring runs inside the fused forward)."""
+        the per-channel mean of ``y`` if known). What a training step stores (:func:`record`
+        does the centring there)."""
         dmean, dvar, centre = self._raw_jacobians(conv_input, y, dtype)
         mean = y.detach().to(dtype).mean((0, 2, 3)) if mean is None else mean.to(dtype)
         return dmean, _centre(dvar, mean if centre is None else mean - centre, dmean)

@@ -82,23 +82,16 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnbench.errors import BnbenchError
-from bnbench.norm.base import (
-    BatchNorm2d,
-    batch_moments,
-    check_positive,
-    grouped_batch_norm,
-    sync_moments,
-)
+from bnbench.errors import BnbenchError, check_positive
+from bnbench.norm.base import BatchNorm2d
 
 MODES = ("domain", "shared")
 
 #: Config options of ``norm=domain`` (the registry's ``BN_OPTIONS`` plus the three choices).
-DOMAIN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "kernel", "num_domains",
+DOMAIN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "num_domains",
                             "train_stats", "pop_stats", "affine_mode"})
 
 
@@ -142,7 +135,7 @@ class DomainBatchNorm2d(BatchNorm2d):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, **kwargs)
-        self.num_domains = check_positive("norm.num_domains", num_domains, allow_none=False)
+        self.num_domains = check_positive("norm.num_domains", num_domains, integer=True)
         self.train_stats = _check_mode("train_stats", train_stats)
         self.pop_stats = _check_mode("pop_stats", pop_stats)
         self.affine_mode = _check_mode("affine_mode", affine_mode)
@@ -323,26 +316,14 @@ class DomainBatchNorm2d(BatchNorm2d):
 
     @torch.no_grad()
     def _update_domains(self, xs: list[Tensor]) -> None:
-        """EMA of each domain's own part of the (shared) normalization batch into its slot."""
-        group = self.process_group
-        synced = group is not None and dist.get_world_size(group) > 1
+        """EMA of each domain's own part of the (shared) normalization batch into its slot: the
+        training batch path on that part alone (its groups of ``nbs``, or synced), output
+        discarded."""
         for i, x in enumerate(xs):
-            x = x.detach()
-            if synced:
-                mean, var, total = sync_moments(x, group)
-                stats = mean[None], var[None], [total]
-            elif x.shape[0] == 0:
+            if x.shape[0] == 0:
                 continue
-            elif self.nbs is None or self.nbs >= x.shape[0]:
-                mean, var = batch_moments(x, self._kernels(x))
-                count = x[0, 0].numel() * x.shape[0]
-                stats = mean[None], var[None], [count]
-            else:
-                _, mean, var, counts = grouped_batch_norm(x, None, None, self.nbs, self.eps,
-                                                          self._kernels(x))
-                stats = mean, var, counts
-            with self._selected(i):
-                self._update_population(*stats)
+            with self._selected(i), self._without_affine(True):
+                self._batch_forward(x.detach(), self.nbs, update=True)
 
     # -- loading a shared (C,) state into per-domain (D, C) tensors --------------------------
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,

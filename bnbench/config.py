@@ -6,6 +6,7 @@ type fails at composition; :func:`validate` then checks values (positive sizes, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -13,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from bnbench.errors import BnbenchError
+from bnbench.plan import BatchPlan, batch_plan, expected_processes
 
 
 @dataclass
@@ -167,11 +169,47 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise BnbenchError(f"{key}={value}: choose one of {', '.join(choices)}")
 
 
-def _positive(cfg: DictConfig, *keys: str) -> None:
-    for key in keys:
-        value = OmegaConf.select(cfg, key)
-        if value is None or value <= 0:
-            raise BnbenchError(f"{key}={value}: must be positive")
+#: Every numeric key's valid interval; ``None`` values (a variant's default) are not checked here.
+_POSITIVE, _NON_NEGATIVE = "(0, inf)", "[0, inf)"
+RANGES: dict[str, str] = {
+    "model.width": _POSITIVE,
+    "dataset.resolution": _POSITIVE, "dataset.num_train": _POSITIVE,
+    "dataset.num_val": _POSITIVE, "dataset.num_classes": "[2, inf)",
+    "dataset.pad": _NON_NEGATIVE, "dataset.crop_size": _POSITIVE,
+    "dataset.resize_size": _POSITIVE, "dataset.workers": _NON_NEGATIVE,
+    "dataset.seed": _NON_NEGATIVE,
+    "norm.eps": _POSITIVE, "norm.momentum": "[0, 1]", "norm.nbs": _POSITIVE,
+    "norm.eval_nbs": _POSITIVE, "norm.group_size": _NON_NEGATIVE, "norm.rmax": "[1, inf)",
+    "norm.dmax": _NON_NEGATIVE, "norm.warmup_iters": _NON_NEGATIVE,
+    "norm.rmax_iters": _NON_NEGATIVE, "norm.dmax_iters": _NON_NEGATIVE,
+    "norm.schedule_scale": _POSITIVE, "norm.groups": _POSITIVE, "norm.window": _POSITIVE,
+    "norm.burnin": _NON_NEGATIVE, "norm.num_domains": _POSITIVE,
+    "norm.freeze_at_epoch": _NON_NEGATIVE, "norm.freeze_warmup_epochs": _NON_NEGATIVE,
+    "norm.burnin_epochs": _NON_NEGATIVE,
+    "optim.lr": _POSITIVE, "optim.momentum": "[0, 1]",
+    "optim.weight_decay": _NON_NEGATIVE, "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.warmup_factor": "(0, 1]", "optim.gamma": _POSITIVE,
+    "optim.label_smoothing": "[0, 1)",
+    "trainer.epochs": _POSITIVE, "trainer.batch_size": _POSITIVE, "trainer.seed": _NON_NEGATIVE,
+    "trainer.threads": _NON_NEGATIVE, "trainer.max_iters": _NON_NEGATIVE,
+    "precise.num_samples": _POSITIVE, "precise.batch_size": _POSITIVE,
+    "eval.every": _POSITIVE, "eval.batch_size": _POSITIVE,
+    "dist.nproc": _POSITIVE,
+}
+
+
+def _check_range(key: str, value: Any, interval: str) -> None:
+    """``value`` in ``interval`` (``"[0, 1)"``-style; ``inf`` for no upper bound), else one
+    line naming the key."""
+    if value is None:
+        return
+    low, high = (float(v) for v in interval[1:-1].split(","))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if interval[0] == "[" else value > low)
+    ok = ok and (value <= high if interval[-1] == "]" else value < high)
+    if not ok:
+        what = "must be positive" if interval == _POSITIVE else f"must be in {interval}"
+        raise BnbenchError(f"{key}={value}: {what}")
 
 
 def norm_options(norm: Any) -> dict[str, Any]:
@@ -180,14 +218,11 @@ def norm_options(norm: Any) -> dict[str, Any]:
     return {k: v for k, v in items.items() if k not in RUN_KEYS and v is not None}
 
 
-def layer_options(cfg: Any, iters_per_epoch: int) -> dict[str, Any]:
-    """The norm layers' options of a run: :func:`norm_options` plus the trainer's schedules in
-    epochs turned into iterations (CBN burn-in, BRN schedules fit to the run) and the inference
-    NBS of mini-batch statistics."""
-    options = norm_options(cfg.norm)
-    if options.get("eval_stats", "batch" if cfg.norm.name == "batch_eval" else None) == "batch":
-        # Mini-batch statistics at inference default to the training normalization batch.
-        options.setdefault("eval_nbs", options.get("nbs") or cfg.trainer.batch_size)
+def layer_options(cfg: Any, plan: BatchPlan, iters_per_epoch: int) -> dict[str, Any]:
+    """The norm layers' options of a run: :func:`norm_options`, the plan's normalization batches
+    (``nbs``, ``eval_nbs``) and the trainer's schedules in epochs turned into iterations (CBN
+    burn-in, BRN schedules fit to the run)."""
+    options = {**norm_options(cfg.norm), **plan.layer_options()}
     if cfg.norm.burnin_epochs is not None and "burnin" not in options:
         from bnbench import norm as norms
 
@@ -214,40 +249,19 @@ def validate(cfg: DictConfig) -> None:
     if extra:  # `+typo=…` adds a key that the schema's struct mode cannot refuse
         raise BnbenchError(f"unknown key {extra[0]}; valid keys here: {', '.join(groups)}")
 
-    _positive(
-        cfg,
-        "trainer.epochs",
-        "trainer.batch_size",
-        "optim.lr",
-        "eval.batch_size",
-        "eval.every",
-        "precise.num_samples",
-        "precise.batch_size",
-        "dist.nproc",
-        "model.width",
-    )
+    for key, interval in RANGES.items():
+        _check_range(key, OmegaConf.select(cfg, key), interval)
     _choice("optim.schedule", cfg.optim.schedule, ("cosine", "step"))
     _choice("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
     _choice("precise.estimator", cfg.precise.estimator, ("population", "batch_mean"))
     _choice("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl"))
     _choice("dist.ema_sync", cfg.dist.ema_sync, ("average", "broadcast"))
-    if cfg.optim.weight_decay < 0 or cfg.optim.warmup_epochs < 0:
-        raise BnbenchError("optim.weight_decay and optim.warmup_epochs must be ≥ 0")
-    if not 0 <= cfg.optim.label_smoothing < 1:
-        raise BnbenchError(f"optim.label_smoothing={cfg.optim.label_smoothing}: must be in [0, 1)")
     freeze = cfg.norm.freeze_at_epoch
     if freeze is not None and not 0 <= freeze <= cfg.trainer.epochs:
         raise BnbenchError(f"norm.freeze_at_epoch={freeze}: must be in [0, trainer.epochs]")
     _choice("norm.freeze_stats", cfg.norm.freeze_stats, ("precise", "ema"))
-    nbs = cfg.norm.nbs
-    if nbs is not None and nbs > cfg.trainer.batch_size:
-        raise BnbenchError(
-            f"norm.nbs={nbs} exceeds the per-process batch trainer.batch_size="
-            f"{cfg.trainer.batch_size}: a normalization batch above it is SyncBN (+norm=syncbn)"
-        )
-    if cfg.norm.freeze_warmup_epochs < 0:
-        raise BnbenchError("norm.freeze_warmup_epochs must be ≥ 0")
-    options = norms.check_options(cfg.norm.name, layer_options(cfg, iters_per_epoch=1))
+    plan = batch_plan(cfg, expected_processes(cfg.dist.nproc))
+    options = norms.check_options(cfg.norm.name, layer_options(cfg, plan, iters_per_epoch=1))
     entry = norms.spec(cfg.norm.name)
     if entry.prepare is None:  # (SyncBN's needs the process group: checked when it is built)
         # The layers' own checks (momentum, window, GN groups vs the model's channels, CBN's

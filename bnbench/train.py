@@ -28,6 +28,7 @@ from bnbench.evaluate import evaluate, sync_population_stats
 from bnbench.logs import RunLog, write_json
 from bnbench.models import build_model
 from bnbench.norm import bn_layers, eval_stats_mode, is_norm
+from bnbench.plan import batch_plan
 from bnbench.population import preserved_population, update_population_stats
 
 log = logging.getLogger("bnbench")
@@ -116,21 +117,16 @@ class Trainer:
         self.run_dir = run_dir
         self.data = build_dataset(cfg.dataset)
         t = cfg.trainer
-        self.global_batch = t.batch_size * self.world
-        if self.global_batch > self.data.train_size:
-            raise BnbenchError(
-                f"trainer.batch_size={t.batch_size}: the global batch "
-                f"{self.global_batch} exceeds the {self.data.train_size} training "
-                "images"
-            )
+        self.plan = batch_plan(cfg, self.world, self.data.train_size)
+        self.global_batch = self.plan.global_batch
         self.train_loader = self._loader(
-            "train", t.batch_size, augment=True, shuffle=True, drop_last=True
+            "train", self.plan.per_process, augment=True, shuffle=True, drop_last=True
         )
         self.iters_per_epoch = len(self.train_loader)
         model = build_model(
             cfg.model,
             cfg.norm.name,
-            layer_options(cfg, self.iters_per_epoch),
+            layer_options(cfg, self.plan, self.iters_per_epoch),
             self.data.num_classes,
         ).to(self.device)
         if t.float64:
@@ -321,14 +317,10 @@ class Trainer:
 
     # -- validation ---------------------------------------------------------------------------
     def _precise_batches(self):
-        p = self.cfg.precise
-        per_rank = math.ceil(p.num_samples / self.world)
-        batch = min(p.batch_size, per_rank)
-        loader = self._loader(
-            "train", batch, augment=p.augment, shuffle=True, drop_last=True, seed_offset=7919
-        )
+        loader = self._loader("train", self.plan.precise_batch, augment=self.cfg.precise.augment,
+                              shuffle=True, drop_last=True, seed_offset=7919)
         loader.set_epoch(self.state.epoch)
-        steps = max(1, min(len(loader), per_rank // batch))
+        steps = min(len(loader), self.plan.precise_steps)
 
         def batches():
             for i, (x, _) in enumerate(self._cast(loader)):
@@ -347,7 +339,8 @@ class Trainer:
             mode = "batch" if kind == "batch" else "population"
             # Batch statistics need random batches (a class-sorted folder would leak labels).
             val = self._loader(
-                "val", cfg.eval.batch_size, augment=False, shuffle=kind == "batch", drop_last=False
+                "val", self.plan.eval_batch, augment=False, shuffle=kind == "batch",
+                drop_last=False
             )
             with preserved_population(self.model), eval_stats_mode(self.model, mode):
                 if kind == "precise":
@@ -366,23 +359,15 @@ class Trainer:
         cfg = self.cfg
         if cfg.trainer.resume:
             self._resume()
-        log.info(
-            "model %s, norm %s, global batch %d (%d × %d processes), normalization batch %s%s, "
-            "%d iterations/epoch",
-            cfg.model.arch,
-            cfg.norm.name,
-            self.global_batch,
-            cfg.trainer.batch_size,
-            self.world,
-            _normalization_batch(cfg, self.world),
-            " (ShuffleBN)" if cfg.dist.shuffle_bn and self.world > 1 else "",
-            self.iters_per_epoch,
-        )
-        nbs = cfg.norm.nbs
-        if nbs and cfg.trainer.batch_size % nbs:
+        iters = self.iters_per_epoch
+        stop = f", stopping at iteration {cfg.trainer.max_iters}" if cfg.trainer.max_iters else ""
+        log.info("model %s, norm %s, %d iterations/epoch%s", cfg.model.arch, cfg.norm.name, iters,
+                 stop)
+        log.info("%s", self.plan.describe())
+        if self.plan.remainder:
             log.warning("trainer.batch_size=%d is not a multiple of norm.nbs=%d: every step's "
                         "last %d samples form a smaller normalization batch",
-                        cfg.trainer.batch_size, nbs, cfg.trainer.batch_size % nbs)
+                        self.plan.per_process, self.plan.normalization, self.plan.remainder)
         for epoch in range(self.state.epoch, cfg.trainer.epochs):
             start = time.perf_counter()
             train = self._train_epoch(epoch)
@@ -433,27 +418,15 @@ class Trainer:
             "epochs": cfg.trainer.epochs,
             "iterations": self.state.iteration,
             "world_size": self.world,
-            "batch_per_process": cfg.trainer.batch_size,
+            "batch_per_process": self.plan.per_process,
             "global_batch": self.global_batch,
-            "normalization_batch": _normalization_batch(cfg, self.world),
+            "normalization_batch": self.plan.normalization,
+            "batch_plan": self.plan.as_dict(),
             "final_top1": {k: v[-1] for k, v in h.items()},
             "best_top1": {k: max(v) for k, v in h.items()},
             "wall_time_s": self.state.elapsed,
             "images_per_s": images / self.state.elapsed if self.state.elapsed else None,
         }
-
-
-def _normalization_batch(cfg: DictConfig, world: int) -> int | None:
-    """Samples per normalization batch in training (None for batch-independent layers)."""
-    name = cfg.norm.name
-    if name in ("gn", "ln", "in"):
-        return None
-    if name == "ghost" or (cfg.norm.nbs is not None and name != "syncbn"):
-        return min(cfg.norm.nbs, cfg.trainer.batch_size)
-    if name == "syncbn":
-        size = cfg.norm.group_size or world
-        return cfg.trainer.batch_size * size
-    return cfg.trainer.batch_size
 
 
 def _label(kind: str) -> str:

@@ -119,6 +119,8 @@ class TrainerConfig:
     checkpoint: bool = True
     progress: Optional[bool] = None  # None: only on a TTY
     max_iters: int = 0  # stop after this many iterations (0 = all); for smoke tests
+    compile: bool = False  # torch.compile the whole model (BRN/CBN steps run eagerly inside it)
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: traced, not fused)
 
 
 @dataclass
@@ -253,6 +255,13 @@ def validate(cfg: DictConfig) -> None:
         _check_range(key, OmegaConf.select(cfg, key), interval)
     _choice("optim.schedule", cfg.optim.schedule, ("cosine", "step"))
     _choice("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
+    if cfg.trainer.bf16 and cfg.trainer.float64:
+        raise BnbenchError("trainer.bf16 and trainer.float64 exclude each other")
+    if cfg.trainer.compile:
+        import torch
+
+        backends = torch.compiler.list_backends(exclude_tags=())
+        _choice("trainer.compile_backend", cfg.trainer.compile_backend, tuple(backends))
     _choice("precise.estimator", cfg.precise.estimator, ("population", "batch_mean"))
     _choice("dist.backend", cfg.dist.backend, ("auto", "gloo", "nccl"))
     _choice("dist.ema_sync", cfg.dist.ema_sync, ("average", "broadcast"))

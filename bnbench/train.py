@@ -135,6 +135,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.net = D.wrap_model(model, cfg.dist, self.device)
+        if t.compile:  # the whole model, public API (checkpoints keep using self.model)
+            self.net = torch.compile(self.net, backend=t.compile_backend)
         self.optimizer = torch.optim.SGD(
             param_groups(model, cfg.optim.weight_decay, cfg.optim.no_wd_norm_bias),
             lr=cfg.optim.lr,
@@ -145,7 +147,7 @@ class Trainer:
         self.log = RunLog(run_dir if self.rank == 0 else None)
         self.ckpt_path = run_dir / "checkpoints" / "last.pt" if run_dir else None
         self.kinds = _stats_kinds(model, cfg.precise.enabled)
-        self.autocast = t.bf16 and self.device.type == "cuda"
+        self.autocast = t.bf16  # bf16 autocast, on GPUs and CPUs alike
 
     def _loader(
         self,

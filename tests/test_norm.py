@@ -13,7 +13,6 @@ from bnbench import norm as norms
 from bnbench.errors import BnbenchError
 from bnbench.norm.base import BatchNorm2d
 from bnbench.norm.brn import BatchRenorm2d, ramp
-from bnbench.norm.cbn import CrossIterationBatchNorm2d, pair_convs
 
 
 def _affine(layer: nn.Module, seed: int = 0) -> nn.Module:
@@ -461,24 +460,36 @@ def test_brn_ema_of_std_is_algorithm_1():
     torch.testing.assert_close(layers["std"].eval()(x), expect)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: BatchNorm2d(4, nbs=2, momentum=0.3),
-    lambda: BatchRenorm2d(4, rmax=2.0, dmax=1.0, warmup_iters=0, rmax_iters=0, dmax_iters=0,
-                          momentum=0.3),
-    lambda: CrossIterationBatchNorm2d(4, window=3, momentum=0.3),
-], ids=["ghost", "brn", "cbn"])
-def test_layer_inside_a_compiled_model_matches_eager(make):
-    """``torch.compile(model)``, three SGD steps: outputs, gradients and buffers as eager.
-    (BRN's and CBN's steps read buffers that the same step then updates: those steps run
-    outside the graph, ``torch.compiler.disable``.)"""
+_COMPILE_CASES = {
+    "bn": {}, "ghost": {"nbs": 2}, "syncbn": {}, "frozen": {}, "batch_eval": {"nbs": 3},
+    "brn": {"rmax": 2.0, "dmax": 1.0, "warmup_iters": 0, "rmax_iters": 0, "dmax_iters": 0},
+    "gn": {"groups": 2}, "ln": {}, "in": {}, "cbn": {"window": 3}, "naive_cbn": {"window": 3},
+    "domain": {"num_domains": 2},
+}
+
+
+def test_every_variant_is_covered_by_the_compile_test():
+    assert set(_COMPILE_CASES) == set(norms.NORMS)
+
+
+@pytest.mark.parametrize("name", list(_COMPILE_CASES))
+def test_layer_inside_a_compiled_model_matches_eager(name):
+    """``torch.compile(model)`` (what ``trainer.compile=true`` does), three SGD steps: outputs,
+    gradients and buffers as eager, for every variant. (BRN's and CBN's steps read buffers that
+    the same step then updates: those steps run outside the graph, ``torch.compiler.disable``.)"""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make(), nn.ReLU(inplace=True)).double()
-    pair_convs(model)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                          nn.ReLU(inplace=True)).double()
+    options = dict(_COMPILE_CASES[name])
+    if "momentum" in norms.spec(name).options:
+        options["momentum"] = 0.3  # a visible EMA step
+    norms.convert(model, name, **options)
     _affine(model[1])
     with torch.no_grad():
-        model[1].running_mean.normal_()
-        model[1].running_var.uniform_(0.3, 3.0)
-        model[1].num_batches_tracked.fill_(5)
+        if hasattr(model[1], "running_mean"):
+            model[1].running_mean.normal_()
+            model[1].running_var.uniform_(0.3, 3.0)
+            model[1].num_batches_tracked.fill_(5)
     xs = [_x(6, 3, 5, 5, seed=seed) for seed in range(3)]
     results = []
     for compiled in (False, True):

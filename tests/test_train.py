@@ -64,3 +64,30 @@ def test_frozen_bn_switch_freezes_precise_or_ema_statistics(tmp_path, monkeypatc
         torch.testing.assert_close(m.running_var, var)
         if stats == "precise":
             assert not torch.allclose(m.running_mean, ema_mean)
+
+
+def test_bf16_on_cpu_runs_the_convolutions_in_bf16(tmp_path, monkeypatch):
+    """``trainer.bf16=true`` is CPU autocast too (it was silently ignored there): the convs of a
+    training step compute in bf16, the loss stays finite, the weights stay fp32."""
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(_cfg("trainer.bf16=true", "trainer.max_iters=1", "trainer.device=cpu"),
+                      None)
+    dtypes = []
+    trainer.model.conv1.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    metrics = trainer._train_epoch(0)
+    assert dtypes == [torch.bfloat16]
+    assert metrics["loss"] == metrics["loss"] and trainer.model.conv1.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
+    """``trainer.compile=true`` (whole-model ``torch.compile``, Inductor) on GhostBN: the same
+    losses over two steps as the eager model, to float32 fusion rounding."""
+    monkeypatch.chdir(tmp_path)
+    losses = []
+    for compiled in ("false", "true"):
+        trainer = Trainer(_cfg("norm=ghost", "norm.nbs=8", f"trainer.compile={compiled}",
+                               "trainer.max_iters=2", "trainer.device=cpu"), None)
+        losses.append(trainer._train_epoch(0)["loss"])
+        assert (trainer.net is not trainer.model) == (compiled == "true")
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -1,13 +1,13 @@
-"""The prepared accelerator check: the fused (compiled) training paths on a device against a
-float64 eager reference on the CPU, then an autocast step. Run it when a session has a GPU:
+"""The prepared accelerator check: the training paths on a device (PyTorch's kernels there:
+cuDNN on CUDA) against a float64 reference on the CPU, then an autocast step. Run it when a
+session has a GPU:
 
     python scripts/device_check.py --device cuda --out results/device_check_cuda_<date>.md
     scripts/bench.sh --threads 2          # then the cost tables (bench_cuda_<date>.md)
 
-For every variant with a fused training step (and bn/frozen as controls): the same ResNet-18
+For every variant with its own training step (and bn/frozen as controls): the same ResNet-18
 (1/4 width, small stem, ReLU → SiLU so that rounding cannot flip an activation), a few SGD
-steps on the same batches, once on ``--device`` in float32 with ``norm.kernel=compiled``
-(Triton on CUDA, C++ on CPU) and once on the CPU in float64 with ``norm.kernel=eager``.
+steps on the same batches, once on ``--device`` in float32 and once on the CPU in float64.
 Reported: the largest error of the logits (every step), of the parameter gradients (last
 step) and of the floating buffers (running statistics, CBN's history), each
 relative to the reference's largest magnitude; PASS below the row's tolerance (fp32 rounding
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from bnbench import bench
 from bnbench.models.resnet import resnet
 from bnbench.norm import convert
+from bnbench.norm.brn import BatchRenorm2d
 
 #: (variant as in ``bnbench bench --variants``, tolerance)
 ROWS = [("bn", 1e-4), ("frozen", 1e-4), ("ghost", 1e-4), ("ghost:nbs=2", 1e-4), ("brn", 1e-4),
@@ -60,12 +62,20 @@ def smooth(model: nn.Module) -> nn.Module:
     return model
 
 
-def build(spec: str, base: nn.Module, device: str, dtype: torch.dtype, kernel: str) -> nn.Module:
+def build(spec: str, base: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
     (variant,) = bench.parse_variants(spec)
-    model = convert(copy.deepcopy(base), variant.name, kernel=kernel, **variant.options)
+    model = convert(copy.deepcopy(base), variant.name, **variant.options)
     model = model.to(device=device, dtype=dtype).train()
-    bench.prime(model)  # BRN past its warm-up: the corrections are active
+    past_schedules(model)
     return model
+
+
+def past_schedules(model: nn.Module) -> None:
+    """BRN past its warm-up and ramps: the corrections are active."""
+    for m in model.modules():
+        if isinstance(m, BatchRenorm2d):
+            end = max(m.warmup_iters, m.rmax_iters, m.dmax_iters) * m.schedule_scale
+            m.num_batches_tracked.fill_(math.ceil(end) + 1)
 
 
 def train(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
@@ -91,14 +101,14 @@ def rel_error(got: list[Tensor], want: list[Tensor]) -> float:
 
 
 def compare(spec: str, base: nn.Module, batches, device: str) -> dict[str, object]:
-    fused = build(spec, base, device, torch.float32, "compiled")
-    ref = build(spec, base, "cpu", torch.float64, "eager")
-    out = {"logits": rel_error(train(fused, batches), train(ref, batches))}
-    grads = [(p.grad, q.grad) for p, q in zip(fused.parameters(), ref.parameters())
+    tested = build(spec, base, device, torch.float32)
+    ref = build(spec, base, "cpu", torch.float64)
+    out = {"logits": rel_error(train(tested, batches), train(ref, batches))}
+    grads = [(p.grad, q.grad) for p, q in zip(tested.parameters(), ref.parameters())
              if q.grad is not None]
     out["grads"] = rel_error([g for g, _ in grads], [r for _, r in grads])
     floats, ints_equal = [], True
-    for a, b in zip(fused.state_dict().values(), ref.state_dict().values(), strict=True):
+    for a, b in zip(tested.state_dict().values(), ref.state_dict().values(), strict=True):
         if b.is_floating_point():
             if b.numel():
                 floats.append((a, b))
@@ -110,7 +120,7 @@ def compare(spec: str, base: nn.Module, batches, device: str) -> dict[str, objec
 
 
 def autocast_step(spec: str, base: nn.Module, batch, device: str) -> str:
-    model = build(spec, base, device, torch.float32, "compiled")
+    model = build(spec, base, device, torch.float32)
     x, target = batch
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         loss = F.cross_entropy(model(x.to(device)), target.to(device))
@@ -155,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"cpu ({torch.get_num_threads()} threads)")
     head = [f"$ python {shlex.join(['scripts/device_check.py', *(argv or sys.argv[1:])])}", "",
-            f"# Fused training paths on {args.device} against a float64 eager CPU reference", "",
+            f"# Training paths on {args.device} against a float64 CPU reference", "",
             f"- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}; torch "
             f"{torch.__version__}; device: {device}",
             f"- resnet18 width {width}, {size} px, batch {n}, {args.steps} SGD steps (lr 0.01, "

@@ -1,5 +1,5 @@
-"""``scripts/device_check.py`` (the prepared GPU check) runs on the CPU: fused C++ kernels against
-the float64 eager reference, every row within tolerance, the table written with its command."""
+"""``scripts/device_check.py`` (the prepared GPU check) runs on the CPU: float32 training steps
+against the float64 reference, every row within tolerance, the table written with its command."""
 
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +173,11 @@ class Trainer:
             device=self.device,
         )
 
+    def _progress(self, batches: Iterable, total: int, desc: str) -> Iterable:
+        """:func:`progress` on rank 0."""
+        return progress(batches, total, desc, self.cfg.trainer.progress if self.rank == 0
+                        else False)
+
     def _cast(self, batches):
         """Inputs in the model's precision (float64 for exact equivalence checks)."""
         if not self.cfg.trainer.float64:
@@ -218,8 +225,18 @@ class Trainer:
 
     def _resume(self) -> None:
         path = D.broadcast_object(str(self.ckpt_path) if self.ckpt_path else None)
+        if self.run_dir is not None:
+            for partial in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob("checkpoints/.*.tmp")]:
+                partial.unlink(missing_ok=True)  # a write that a kill interrupted
         if path is None or not Path(path).exists():
-            log.info("trainer.resume: no checkpoint in the run dir, starting from scratch")
+            finished = self.run_dir is not None and (self.run_dir / "summary.json").exists()
+            if D.broadcast_object(finished):
+                raise BnbenchError(f"trainer.resume: {self.run_dir} holds a finished run without "
+                                   "a checkpoint (trainer.checkpoint=false): nothing to resume; "
+                                   "choose another hydra.run.dir")
+            dropped = self.log.rewind(0, 0)
+            log.info("trainer.resume: no checkpoint in the run dir, starting from scratch%s",
+                     f" ({dropped} rows of the interrupted run dropped)" if dropped else "")
             return
         data = ckpt.load(Path(path), self.device)
         try:
@@ -238,7 +255,9 @@ class Trainer:
             else:
                 log.warning("rank %d: no %s; continuing from rank 0's buffers", self.rank,
                             shard.name)
-        log.info("resumed from %s at epoch %d", path, self.state.epoch)
+        dropped = self.log.rewind(self.state.epoch, self.state.iteration)
+        log.info("resumed from %s at epoch %d%s", path, self.state.epoch,
+                 f" ({dropped} rows logged after it dropped)" if dropped else "")
 
     # -- one epoch ----------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -257,11 +276,10 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         start = time.perf_counter()
-        bar = _progress(
-            self.train_loader,
-            cfg.trainer.progress and self.rank == 0,
-            f"epoch {epoch + 1}/{cfg.trainer.epochs}",
-        )
+        total = len(self.train_loader)
+        if cfg.trainer.max_iters:
+            total = max(0, min(total, cfg.trainer.max_iters - self.state.iteration))
+        bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
         for x, y in self._cast(bar):
             lr = self._set_lr()
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
@@ -269,10 +287,12 @@ class Trainer:
             logits = logits if logits.dtype == torch.float64 else logits.float()  # float64 runs
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
             if not torch.isfinite(loss):
+                kept = self.ckpt_path is not None and self.ckpt_path.exists()
                 raise BnbenchError(
                     f"loss became {loss.item()} at epoch {epoch + 1}, iteration "
-                    f"{self.state.iteration}; the last good checkpoint is kept"
-                    + (f" at {self.ckpt_path}" if self.ckpt_path else "")
+                    f"{self.state.iteration}; "
+                    + (f"the last good checkpoint is kept at {self.ckpt_path}" if kept
+                       else "no checkpoint was written before it")
                 )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -325,10 +345,11 @@ class Trainer:
         steps = min(len(loader), self.plan.precise_steps)
 
         def batches():
-            for i, (x, _) in enumerate(self._cast(loader)):
-                if i >= steps:
-                    break
+            shown = self._progress(loader, steps, "PreciseBN")
+            for i, (x, _) in enumerate(self._cast(shown)):
                 yield x
+                if i + 1 >= steps:
+                    break
 
         return batches
 
@@ -352,7 +373,8 @@ class Trainer:
                         estimator=cfg.precise.estimator,
                         layerwise=cfg.precise.layerwise,
                     )
-                results[kind] = evaluate(self.model, self._cast(val), self.autocast)
+                shown = self._progress(val, len(val), f"validation ({_label(kind)})")
+                results[kind] = evaluate(self.model, self._cast(shown), self.autocast)
             results[kind]["time"] = time.perf_counter() - start
         return results
 
@@ -435,16 +457,35 @@ def _label(kind: str) -> str:
     return {"ema": "EMA", "precise": "PreciseBN", "batch": "batch-stats", "none": "top-1"}[kind]
 
 
-def _progress(iterable, enabled: bool | None, desc: str):
-    import sys
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
+def progress(iterable: Iterable, total: int, desc: str, mode: bool | None) -> Iterable:
+    """Progress of a loop over batches: a tqdm bar on a terminal (or ``trainer.progress=true``);
+    off a terminal (SLURM logs) with ``trainer.progress`` unset, a log line at every ~10 % with
+    images/s and the ETA; nothing with ``trainer.progress=false``."""
+    if mode is False:
         return iterable
-    from tqdm import tqdm
+    if mode or sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return _progress_lines(iterable, total, desc)
+
+
+def _progress_lines(iterable: Iterable, total: int, desc: str) -> Iterator:
+    every, start, images = max(1, math.ceil(total / 10)), time.perf_counter(), 0
+    for done, item in enumerate(iterable, 1):
+        yield item
+        images += (item[0] if isinstance(item, (tuple, list)) else item).shape[0]
+        if done % every == 0 and done < total:
+            seconds = time.perf_counter() - start
+            eta = seconds / done * (total - done)
+            log.info("%s: %d/%d batches, %.0f img/s, ETA %s", desc, done, total,
+                     images / seconds, _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
@@ -454,5 +495,6 @@ def train(cfg: DictConfig, run_dir: Path | None) -> dict[str, Any]:
     if trainer.rank == 0:
         final = "  ".join(f"{v:.2f}%" if k == "none" else f"{_label(k)} {v:.2f}%"
                           for k, v in summary["final_top1"].items())  # gn/ln/in: one number
-        print(f"final top-1: {final}  ({summary['wall_time_s']:.0f} s)", flush=True)
+        where = f"; run dir {run_dir}" if run_dir is not None else ""
+        print(f"final top-1: {final}  ({summary['wall_time_s']:.0f} s){where}", flush=True)
     return summary

@@ -27,6 +27,9 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
+    """Every key ``bnbench.data.build_dataset`` reads (the one dataset schema; ``pad`` null: the
+    dataset's default)."""
+
     name: str = "synthetic"
     root: Optional[str] = None
     download: bool = False
@@ -35,11 +38,12 @@ class DatasetConfig:
     num_val: int = 2000
     num_classes: int = 15
     seed: int = 0
-    pad: int = 2
+    pad: Optional[int] = None
     crop_size: int = 224
     resize_size: int = 256
     in_memory: bool = False
     workers: int = 4
+    skip_unreadable: bool = False  # ImageFolder: drop files PIL cannot decode (counted warning)
 
 
 @dataclass

@@ -362,3 +362,29 @@ def test_cifar10_from_fake_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     mean = torch.tensor(data.mean).view(3, 1, 1)
     std = torch.tensor(data.std).view(3, 1, 1)
     torch.testing.assert_close(x[0], (expected - mean) / std)
+
+
+@pytest.mark.parametrize("in_memory,workers", [(True, 0), (False, 0), (False, 1)])
+def test_corrupt_image_is_one_line_naming_it_or_skipped(tmp_path: Path, in_memory: bool,
+                                                        workers: int, caplog) -> None:
+    """A file PIL cannot decode: by default one BnbenchError line naming the file (also from a
+    DataLoader worker); with ``skip_unreadable`` the file is left out with a counted warning."""
+    write_png_tree(tmp_path / "tree")
+    bad = tmp_path / "tree" / "train" / "class1" / "2.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)  # a truncated PNG
+    base = {"name": "imagefolder", "root": str(tmp_path / "tree"), "crop_size": 16,
+            "resize_size": 18, "in_memory": in_memory, "pad": None, "workers": workers}
+    with pytest.raises(BnbenchError) as err:
+        data = build_dataset(_cfg(**base))
+        loader = data.loader("train", 12, seed=1)
+        loader.set_epoch(0)
+        list(loader)
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    with caplog.at_level("WARNING", logger="bnbench"):
+        data = build_dataset(_cfg(**base, skip_unreadable=True))
+    assert data.train_size == 11 and data.val_size == 12
+    assert f"skipped 1 unreadable image(s) of 12 (first: {bad})" in caplog.text
+    loader = data.loader("train", 11, seed=1)
+    loader.set_epoch(0)
+    (x, y), = list(loader)
+    _check_labels(x, y)

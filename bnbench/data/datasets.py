@@ -20,6 +20,7 @@ the data, not from ``num_train``/``num_val``/``num_classes``.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+from bnbench.config import DatasetConfig
 from bnbench.data import synthetic
 from bnbench.data.loaders import (
     IMAGENET_MEAN,
@@ -38,10 +40,13 @@ from bnbench.data.loaders import (
     FolderLoader,
     Loader,
     TensorLoader,
+    UnreadableImage,
     eval_transform,
     load_rgb,
 )
 from bnbench.errors import BnbenchError
+
+log = logging.getLogger("bnbench")
 
 NAMES = ("synthetic", "cifar10", "cifar100", "imagenet", "imagefolder")
 
@@ -50,25 +55,6 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 @dataclass(frozen=True)
-class DatasetConfig:
-    """Every key ``build_dataset`` reads, with its default (used for keys a config lacks)."""
-
-    name: str = "synthetic"
-    root: str | None = None
-    download: bool = False
-    resolution: int = synthetic.DEFAULT_RESOLUTION
-    num_train: int = synthetic.DEFAULT_NUM_TRAIN
-    num_val: int = synthetic.DEFAULT_NUM_VAL
-    num_classes: int = synthetic.DEFAULT_NUM_CLASSES
-    seed: int = 0
-    crop_size: int = 224
-    resize_size: int = 256
-    in_memory: bool = False
-    workers: int = 4
-    pad: int | None = None
-
-
-@dataclass(frozen=True, eq=False)
 class TensorSplit:
     """A split held in memory: uint8 images [N,3,H,W] and int64 labels [N]."""
 
@@ -293,11 +279,34 @@ def _scan_tree(
     return classes, splits[0], splits[1]
 
 
-def _decode_all(samples: list[tuple[str, int]], size: int) -> TensorSplit:
+def _decode_all(samples: list[tuple[str, int]], size: int, skip: bool) -> TensorSplit:
     """Decode every image to uint8 [3,size,size] (shorter side resized, centre crop)."""
-    images = [eval_transform(load_rgb(path), size, size) for path, _ in samples]
-    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return TensorSplit(torch.stack(images), labels)
+    images, labels = [], []
+    for path, label in _readable(samples, skip):
+        images.append(eval_transform(load_rgb(path), size, size))
+        labels.append(label)
+    return TensorSplit(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+
+
+def _readable(samples: list[tuple[str, int]], skip: bool) -> list[tuple[str, int]]:
+    """``samples`` as they are (``skip`` off: an unreadable file fails where it is read, naming
+    it), or, with ``dataset.skip_unreadable``, without the files PIL cannot decode (each is
+    decoded once here), with one counted warning."""
+    if not skip:
+        return samples
+    kept, bad = [], []
+    for path, label in samples:
+        try:
+            load_rgb(path)
+            kept.append((path, label))
+        except UnreadableImage:
+            bad.append(path)
+    if bad:
+        log.warning("dataset.skip_unreadable: skipped %d unreadable image(s) of %d (first: %s)",
+                    len(bad), len(samples), bad[0])
+    if not kept:
+        raise BnbenchError(f"dataset: none of the {len(samples)} images can be decoded")
+    return kept
 
 
 def _build_folder(cfg: DatasetConfig) -> DataSource:
@@ -316,11 +325,13 @@ def _build_folder(cfg: DatasetConfig) -> DataSource:
     if cfg.name == "imagefolder" and cfg.in_memory:
         pad = max(1, cfg.crop_size // 8) if cfg.pad is None else cfg.pad
         return DataSource(
-            train=_decode_all(train, cfg.crop_size),
-            val=_decode_all(val, cfg.crop_size),
+            train=_decode_all(train, cfg.crop_size, cfg.skip_unreadable),
+            val=_decode_all(val, cfg.crop_size, cfg.skip_unreadable),
             pad=pad,
             **facts,
         )
+    train = _readable(train, cfg.skip_unreadable)
+    val = _readable(val, cfg.skip_unreadable)
     return DataSource(train=FolderSplit(tuple(train)), val=FolderSplit(tuple(val)), **facts)
 
 

@@ -248,10 +248,18 @@ def random_resized_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+class UnreadableImage(BnbenchError):
+    """An image file that PIL cannot decode (``dataset.skip_unreadable=true`` drops them)."""
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image file as RGB (decoding it fully, so the file can be closed)."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(f"image {path} cannot be decoded ({type(err).__name__}); "
+                              "dataset.skip_unreadable=true skips unreadable files") from None
 
 
 def eval_transform(img: Image.Image, resize: int, crop: int) -> Tensor:
@@ -379,6 +387,12 @@ class FolderLoader:
         return len(self.plan)
 
     def __iter__(self) -> Iterator[Batch]:
-        for images, labels in self._loader:
-            x = images.to(self.device, non_blocking=True)
-            yield normalize(x, self.mean, self.std), labels.to(self.device, non_blocking=True)
+        try:
+            for images, labels in self._loader:
+                x = images.to(self.device, non_blocking=True)
+                yield normalize(x, self.mean, self.std), labels.to(self.device, non_blocking=True)
+        except UnreadableImage as err:
+            # From a worker, DataLoader re-raises it with the worker's traceback in the
+            # message: keep its own last line (one line names the file).
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            raise UnreadableImage(lines[-1].split("UnreadableImage: ", 1)[-1]) from None

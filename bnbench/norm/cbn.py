@@ -538,23 +538,11 @@ def _group_dot(w: Tensor, patch: Tensor, groups: int) -> Tensor:
 
 
 def _weight_grad(x: Tensor, y: Tensor, conv: nn.Conv2d, padding: Any) -> Tensor:
-    """``Σ_p y_j(p)·patch(p)`` ``(C, C_in/G·kh·kw)``: the conv's weight gradient for ``∂y = y``.
-
-    On CPU, oneDNN's weight-gradient kernel is up to 2× slower than one GEMM over the unfolded
-    input when the reduction over positions is short and the filters are long (``N·H_o·W_o ≤
-    128``, ``C_in·kh·kw ≥ 2048``: ResNet-18's last stage at 64 px, batch 16; measured); the
-    unfolded input ``N·C_in·kh·kw·H_o·W_o`` is then small too, so use the GEMM there.
-    """
-    n, c = y.shape[0], y.shape[1]
-    spatial = y.shape[2] * y.shape[3]
-    if (x.device.type == "cpu" and conv.groups == 1 and n * spatial <= 128
-            and conv.weight[0].numel() >= 2048):
-        cols = F.unfold(x, conv.kernel_size, conv.dilation, padding, conv.stride)  # (N, P, L)
-        cols = cols.permute(1, 0, 2).reshape(cols.shape[1], n * spatial)
-        return y.transpose(0, 1).reshape(c, n * spatial) @ cols.t()
+    """``Σ_p y_j(p)·patch(p)`` ``(C, C_in/G·kh·kw)``: the conv's weight gradient for ``∂y = y``
+    (``torch.nn.grad.conv2d_weight``, the kernel of the conv's own backward)."""
     grad = conv2d_weight(x, conv.weight.shape, y, conv.stride, padding, conv.dilation,
                          conv.groups)
-    return grad.reshape(c, -1)
+    return grad.reshape(y.shape[1], -1)
 
 
 def _preceding_conv(model: nn.Module, name: str) -> nn.Conv2d | None:

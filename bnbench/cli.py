@@ -7,6 +7,7 @@ or group option, wrong type, bad value, unwritable output dir) ends in one line
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ USAGE = """usage: bnbench <command> [args]
 
 commands:
   train [overrides]   train a model (Hydra app: -m for sweeps, --cfg job, --help)
-                      e.g. bnbench train +norm=gn trainer.epochs=3
+                      e.g. bnbench train norm=gn trainer.epochs=3
   bench [options]     time each normalization layer against nn.BatchNorm2d
 
 Run 'bnbench train --help' for the config groups and keys."""
@@ -40,12 +41,39 @@ _VALUE_FLAGS = {
     "-cd",
     "--experimental-rerun",
 }
-_NO_VALIDATION = {"--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc"}
+#: Hydra flags that print something and exit, running no job: the overrides are not validated
+#: (help for a bad command line still helps) and no processes are launched.
+INFO_FLAGS = frozenset({"--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc"})
+#: ... and ``--cfg``/``-c``, which print the composed config (validated, but no job runs).
+PRINT_FLAGS = INFO_FLAGS | {"--cfg", "-c"}
+#: Config groups of train.yaml's defaults list that command lines used to append: ``+norm=X``
+#: (or ``++norm=X``) is read as ``norm=X``, the same job.
+_APPENDED_DEFAULTS = ("norm",)
 
 
 def fail(message: str) -> int:
     print(f"bnbench: error: {message}", file=sys.stderr, flush=True)
     return 2
+
+
+def given_flags(args: Sequence[str]) -> set[str]:
+    """The flags among Hydra's command line (``--cfg=job`` counts as ``--cfg``)."""
+    return {arg.split("=", 1)[0] for arg in args if arg.startswith("-")}
+
+
+def canonical_args(args: Sequence[str]) -> list[str]:
+    """Hydra's command line with ``+norm=X``/``++norm=X`` spelled ``norm=X`` (its group is in
+    the defaults list, where Hydra refuses to append it again)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif arg.startswith("+") and arg.lstrip("+").split("=", 1)[0] in _APPENDED_DEFAULTS:
+            arg = arg.lstrip("+")
+        out.append(arg)
+    return out
 
 
 def split_overrides(args: Sequence[str]) -> tuple[list[str], bool]:
@@ -136,8 +164,13 @@ def describe(err: BaseException, job: Sequence[str] = ()) -> str:
     key = getattr(cause, "full_key", None)
     override = re.match(r"Could not override '([^']+)'", str(err))
     append = re.search(r"To append to your default list use (\S+)", str(err))
-    if override and append:  # a group that is not in the defaults list (norm)
+    if override and append:  # a group that is not in the defaults list (cluster)
         return f"{override.group(1)}: not a default group here; use {append.group(1)}"
+    again = re.match(r"Multiple values for (\S+)\. To override a value use 'override \S+ (\S+)'",
+                     str(err))
+    if again:  # +group=X for a group of the defaults list (model, dataset)
+        group, name = again.group(1), again.group(2).strip("'")
+        return f"+{group}={name}: {group} is in the defaults list already; use {group}={name}"
     if override and not isinstance(cause, ValidationError):
         return _unknown_key(override.group(1), job)
     if isinstance(cause, ConfigKeyError) and key:
@@ -149,9 +182,26 @@ def describe(err: BaseException, job: Sequence[str] = ()) -> str:
     return " ".join(lines[:3]) if lines else type(err).__name__
 
 
+def _chosen_once(overrides: Sequence[str]) -> None:
+    """``norm`` chosen at most once, in either spelling: Hydra refused a second ``+norm=X`` (in
+    its words) and would take the last ``norm=X``; two choices are more often a sweep without
+    ``-m`` than a choice."""
+    seen: dict[str, str] = {}
+    for override in overrides:
+        key, eq, value = override.lstrip("+").partition("=")
+        if not eq or key not in _APPENDED_DEFAULTS:
+            continue
+        if key in seen:
+            first = seen[key].partition("=")[2]
+            raise BnbenchError(f"{key}: chosen twice ({seen[key]}, {override}); choose one, or "
+                               f"sweep over both with -m {key}={first},{value}")
+        seen[key] = override
+
+
 def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override lists of every job a (multi)run will start."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """The override lists of every job a (multi)run will start: Hydra's basic sweeper's cartesian
+    product of the sweeps (``a,b``, ``range(…)``, ``glob(…)``), in command-line order."""
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     def kept(override: str) -> bool:  # the run dir is composed too (check_fresh_run_dir)
@@ -161,8 +211,19 @@ def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     mine = [o for o in overrides if kept(o)]
     if not multirun:
         return [mine]
-    parsed = OverridesParser.create().parse_overrides(mine)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    hydra = GlobalHydra.instance()  # in a compose context: glob() lists the group's options
+    parser = OverridesParser.create(hydra.config_loader() if hydra.is_initialized() else None)
+    choices: dict[str, list[str]] = {}  # a key given twice: its last value, at its first place
+    for override in parser.parse_overrides(mine):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise BnbenchError(f"{key}: Hydra's basic sweeper takes choices (a,b), range() and "
+                               "glob() sweeps, not interval()")
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def _given_dir(overrides: list[str], multirun: bool) -> str | None:
@@ -190,16 +251,20 @@ def validate_overrides(args: Sequence[str]) -> list:
 
     from bnbench.config import register, validate
 
-    overrides, multirun = split_overrides(args)
+    given, multirun = split_overrides(args)
+    _chosen_once(given)
+    overrides = canonical_args(given)
     _check_output_dir(overrides, multirun)
     register()
-    try:
-        jobs = _jobs(overrides, multirun)
-    except Exception as err:
-        raise BnbenchError(describe(err)) from err
     GlobalHydra.instance().clear()
     cfgs = []
     with initialize_config_module("bnbench.configs", version_base="1.3"):
+        try:
+            jobs = _jobs(overrides, multirun)
+        except BnbenchError:
+            raise
+        except Exception as err:
+            raise BnbenchError(describe(err)) from err
         for job in jobs:
             try:
                 cfg = compose("train", overrides=job, return_hydra_config=True)
@@ -230,7 +295,7 @@ def _train(args: list[str]) -> int:
     from bnbench import distributed as D
     from bnbench import hydra_app
 
-    if not any(a in _NO_VALIDATION for a in args):
+    if not given_flags(args) & INFO_FLAGS:
         try:
             cfgs = validate_overrides(args)
             check_fresh_run_dir(args, cfgs)
@@ -239,9 +304,10 @@ def _train(args: list[str]) -> int:
                 raise BnbenchError("dist.nproc: every job of a sweep must use the same value")
             nproc = nprocs.pop()
             if D.should_launch(nproc, args):  # dist.nproc=N: N processes of this command
-                return D.launch_local(nproc, ["train", *args])
+                return D.launch_local(nproc, ["train", *canonical_args(args)])
         except BnbenchError as err:
             return fail(str(err))
+    args = canonical_args(args)
     if D.launch_rank() > 0:
         # Other ranks of a torchrun job / srun step write no Hydra output (rank 0 owns the run dir).
         args = [*args, *D.worker_overrides(split_overrides(args)[1])]

@@ -8,8 +8,8 @@ One run of N processes, three ways to start it:
   under torchrun's machinery (standalone rendezvous on a free port) and returns the exit status
   of the first process that failed (or 0);
 * SLURM, one task per GPU (``+cluster=slurm`` through submitit, or ``srun bnbench train ...``):
-  :func:`env_from_slurm` maps ``SLURM_*`` to the torch.distributed variables, then
-  :func:`init_from_env` joins.
+  :func:`env_from_slurm` maps ``SLURM_*`` to the torch.distributed variables (submitit's
+  ``TorchDistributedEnvironment``), then :func:`init_from_env` joins.
 
 Rank 0 owns the run dir (Hydra output, logs, TensorBoard, checkpoints, ``summary.json``); the
 other ranks of a torchrun/srun job get :func:`worker_overrides` and write nothing (under
@@ -25,6 +25,7 @@ after which a collective waiting for a stuck peer fails instead of hanging.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import logging
 import os
@@ -38,6 +39,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from bnbench.cli import PRINT_FLAGS, given_flags
 from bnbench.errors import BnbenchError
 
 log = logging.getLogger("bnbench")
@@ -45,9 +47,6 @@ log = logging.getLogger("bnbench")
 #: Seconds a collective may wait for its peers before failing (env override).
 TIMEOUT_ENV = "BNBENCH_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
-#: Test-only fault injection: the rank named here raises at its third training step.
-FAIL_RANK_ENV = "BNBENCH_TEST_FAIL_RANK"
-FAIL_AT_STEP = 3
 
 
 def is_distributed() -> bool:
@@ -119,91 +118,56 @@ def under_slurm(environ: Mapping[str, str] | None = None) -> bool:
     return "SLURM_PROCID" in environ and not launched_by_torchrun(environ)
 
 
-def launch_rank(environ: Mapping[str, str] | None = None) -> int:
-    """This process's rank before the group exists: torchrun's ``RANK``, else ``SLURM_PROCID``."""
-    environ = os.environ if environ is None else environ
-    if launched_by_torchrun(environ):
-        return int(environ.get("RANK", "0"))
-    return int(environ.get("SLURM_PROCID", "0")) if under_slurm(environ) else 0
+def launch_rank() -> int:
+    """This process's rank before the group exists: torchrun's ``RANK``, else the SLURM task's."""
+    if launched_by_torchrun():
+        return int(os.environ.get("RANK", "0"))
+    return int(env_from_slurm()["RANK"]) if under_slurm() else 0
 
 
-def _slurm_world(environ: Mapping[str, str]) -> int:
-    keys = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
-    return int(next((environ[k] for k in keys if environ.get(k)), "1"))
+@contextlib.contextmanager
+def _slurm_reading():
+    """submitit reads a task's environment once it knows its cluster, which its own sbatch scripts
+    declare (``SUBMITIT_EXECUTOR=slurm``); a task that ``srun`` started is read the same way."""
+    saved = os.environ.get("SUBMITIT_EXECUTOR")
+    os.environ["SUBMITIT_EXECUTOR"] = "slurm"
+    try:
+        yield
+    except KeyError as err:
+        raise BnbenchError(f"SLURM: {err.args[0]} is not set in this task's environment") from err
+    except Exception as err:  # submitit: ValueError (a count), SlurmParseException (a node list)
+        raise BnbenchError(f"SLURM: cannot read this task's environment: {err}") from err
+    finally:
+        if saved is None:
+            os.environ.pop("SUBMITIT_EXECUTOR", None)
+        else:
+            os.environ["SUBMITIT_EXECUTOR"] = saved
 
 
-def expand_hostlist(hostlist: str) -> list[str]:
-    """SLURM's compressed host list, e.g. ``"gpu[001-003,7],login"`` → ``gpu001 … gpu7 login``."""
-    hosts: list[str] = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]*)\]|([^,\[\]]+)", hostlist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-                continue
-            hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
-    return hosts
+def env_from_slurm() -> dict[str, str]:
+    """torch.distributed's environment for this SLURM task, as submitit's
+    ``submitit.helpers.TorchDistributedEnvironment`` derives it from ``SLURM_*``.
 
-
-def _tasks_per_node(spec: str) -> list[int]:
-    """``SLURM_TASKS_PER_NODE`` such as ``"4(x2),3"`` → ``[4, 4, 3]``."""
-    counts: list[int] = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if match is None:
-            raise BnbenchError(f"SLURM_TASKS_PER_NODE={spec}: cannot parse")
-        counts += [int(match.group(1))] * int(match.group(2) or 1)
-    return counts
-
-
-def env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
-    """torch.distributed's environment for this SLURM task (a pure function of ``environ``).
-
-    ``RANK`` ← ``SLURM_PROCID``; ``WORLD_SIZE`` ← the step's task count (``SLURM_STEP_NUM_TASKS``,
-    else ``SLURM_NTASKS``); ``LOCAL_RANK`` ← ``SLURM_LOCALID``; ``LOCAL_WORLD_SIZE`` ← this node's
-    entry of ``SLURM_STEP_TASKS_PER_NODE``/``SLURM_TASKS_PER_NODE``; ``GROUP_RANK`` ←
-    ``SLURM_NODEID``; ``MASTER_ADDR`` ← the first host of the step's (else the job's) node list,
-    else ``SLURM_LAUNCH_NODE_IPADDR``; ``MASTER_PORT`` ← ``15000 + SLURM_JOB_ID mod 20000``, the
-    same for every task of the job and again after a requeue. ``MASTER_ADDR``/``MASTER_PORT``
-    already in ``environ`` win (a user's choice).
+    ``RANK`` ← ``SLURM_PROCID``; ``WORLD_SIZE`` ← ``SLURM_NTASKS`` (under ``srun``: the step's
+    tasks); ``LOCAL_RANK`` ← ``SLURM_LOCALID``; ``LOCAL_WORLD_SIZE`` ← tasks / nodes
+    (``SLURM_JOB_NUM_NODES``); ``MASTER_ADDR`` ← the first host of ``SLURM_JOB_NODELIST``;
+    ``MASTER_PORT`` ← a port in [20000, 60000] drawn from the job id: the same for every task of
+    the job and again after a requeue. ``MASTER_ADDR``/``MASTER_PORT`` already in the environment
+    win (a user's choice; e.g. for an ``srun`` step on part of an allocation, whose first node
+    is not the job's).
     """
+    from submitit.helpers import TorchDistributedEnvironment
 
-    def get(*keys: str) -> str | None:
-        return next((environ[k] for k in keys if environ.get(k)), None)
-
-    procid = get("SLURM_PROCID")
-    ntasks = get("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
-    if procid is None or ntasks is None:
-        raise BnbenchError("SLURM: SLURM_PROCID and SLURM_NTASKS must be set in a SLURM task")
-    node = int(get("SLURM_NODEID") or 0)
-    out = {
-        "RANK": procid,
-        "WORLD_SIZE": ntasks,
-        "LOCAL_RANK": get("SLURM_LOCALID") or "0",
-        "GROUP_RANK": str(node),
-    }
-    per_node = get("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
-    if per_node:
-        counts = _tasks_per_node(per_node)
-        out["LOCAL_WORLD_SIZE"] = str(counts[min(node, len(counts) - 1)])
-    addr = environ.get("MASTER_ADDR")
-    if not addr:
-        nodelist = get("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-        hosts = expand_hostlist(nodelist) if nodelist else []
-        addr = hosts[0] if hosts else get("SLURM_LAUNCH_NODE_IPADDR")
-    if not addr:
-        raise BnbenchError("SLURM: no node list (SLURM_JOB_NODELIST) to find the master node")
-    out["MASTER_ADDR"] = addr
-    port = environ.get("MASTER_PORT")
-    if not port:
-        job = get("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID") or "0"
-        task = get("SLURM_ARRAY_TASK_ID") or "0"
-        port = str(15000 + (int(job) + int(task)) % 20000)
-    out["MASTER_PORT"] = port
-    return out
+    with _slurm_reading():
+        env = TorchDistributedEnvironment()
+        return {
+            "RANK": str(env.rank),
+            "WORLD_SIZE": str(env.world_size),
+            "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size),
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR") or env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        }
 
 
 def _timeout() -> timedelta:
@@ -220,7 +184,7 @@ def init_from_env(backend: str = "auto", use_cuda: bool = False) -> bool:
     if is_distributed():
         return True
     if under_slurm():
-        os.environ.update(env_from_slurm(os.environ))
+        os.environ.update(env_from_slurm())
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if backend == "auto":
@@ -325,10 +289,9 @@ def should_launch(nproc: int, args: Sequence[str]) -> bool:
     ``--cfg``/``--help``/``--info``, and an error with a cluster launcher (its tasks are the
     processes: ``hydra.launcher.tasks_per_node``).
     """
-    info = {"--cfg", "-c", "--info", "--help", "-h", "--hydra-help", "--shell-completion", "-sc"}
-    if nproc <= 1 or launched_by_torchrun() or info & set(args):
+    if nproc <= 1 or launched_by_torchrun() or given_flags(args) & PRINT_FLAGS:
         return False
-    if under_slurm() and _slurm_world(os.environ) > 1:
+    if under_slurm() and int(env_from_slurm()["WORLD_SIZE"]) > 1:
         return False
     cluster = [a for a in args if a.lstrip("+~").startswith(("cluster=", "hydra/launcher="))]
     if cluster:
@@ -388,24 +351,6 @@ def peer_failure(err: BaseException) -> str | None:
 # -- the training model ---------------------------------------------------------------------
 
 
-def _inject_fault(model) -> None:
-    """Test-only: ``BNBENCH_TEST_FAIL_RANK=r`` makes rank ``r`` fail at training step 3."""
-    target = os.environ.get(FAIL_RANK_ENV)
-    if target is None or int(target) != rank():
-        return
-    steps = [0]
-
-    def hook(module, inputs):
-        if module.training:
-            steps[0] += 1
-            if steps[0] == FAIL_AT_STEP:
-                raise BnbenchError(
-                    f"{FAIL_RANK_ENV}={target}: injected failure at training step {FAIL_AT_STEP}"
-                )
-
-    model.register_forward_pre_hook(hook)
-
-
 def wrap_model(model, dist_cfg, device):
     """The module the training loop calls: ``DDP(ShuffleBN(model))`` when multi-process.
 
@@ -417,7 +362,6 @@ def wrap_model(model, dist_cfg, device):
 
     Single process: ``model`` itself (ShuffleBN has nothing to shuffle across).
     """
-    _inject_fault(model)
     if not is_distributed():
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -72,9 +72,22 @@ def error_line(capsys) -> str:
          "norm.nbs=64 exceeds the per-process batch trainer.batch_size=32"),
         (["norm.freeze_stats=batch"], "norm.freeze_stats=batch: choose one of precise, ema"),
         (["+norm=ghost", "norm.foo=1"], "unknown key norm.foo; norm=ghost takes: eps, eval_nbs, "
-         "eval_stats, kernel, momentum, nbs, freeze_at_epoch"),
+         "eval_stats, momentum, nbs, freeze_at_epoch"),
         (["norm.foo=1"], "unknown key norm.foo; norm=bn takes: eps,"),
-        (["norm=cbn"], "norm: not a default group here; use +norm=cbn"),
+        (["cluster=slurm"], "cluster: not a default group here; use +cluster=slurm"),
+        # both spellings of the norm group, in single runs and sweeps
+        (["norm=nope"], "norm=nope: unknown option; choose one of batch_eval, bn, brn, cbn"),
+        (["-m", "norm=bn,nope"], "norm=nope: unknown option; choose one of batch_eval, bn, brn"),
+        (["-m", "norm=bn,gn", "trainer.batch_size=8,0"], "trainer.batch_size=0"),
+        (["norm=gn", "norm.nbs=2"], "norm=gn: unknown option nbs"),
+        (["+norm=bn", "+norm=gn"], "bnbench: error: norm: chosen twice (+norm=bn, +norm=gn); "
+         "choose one, or sweep over both with -m norm=bn,gn"),
+        (["norm=bn", "norm=gn"], "norm: chosen twice (norm=bn, norm=gn)"),
+        (["-m", "+norm=bn,gn", "norm=ln"], "norm: chosen twice (+norm=bn,gn, norm=ln)"),
+        (["+model=resnet50"], "+model=resnet50: model is in the defaults list already; use "
+         "model=resnet50"),
+        (["-m", "optim.lr=interval(0,1)"], "optim.lr: Hydra's basic sweeper takes choices"),
+        (["-m", "norm=glob(g*)", "norm.groups=5"], "norm=ghost: unknown option groups"),
     ],
 )
 def test_bad_overrides_are_one_line(args, needle, capsys):
@@ -83,12 +96,12 @@ def test_bad_overrides_are_one_line(args, needle, capsys):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["+norm=cbn", "norm.window=0"], "norm.window=0: must be a positive integer"),
+    (["+norm=cbn", "norm.window=0"], "norm.window=0: must be positive"),
     (["+norm=bn", "norm.momentum=1.5"], "norm.momentum=1.5: must be in [0, 1]"),
-    (["+norm=ghost", "norm.nbs=0"], "norm.nbs=0: must be a positive integer"),
+    (["+norm=ghost", "norm.nbs=0"], "norm.nbs=0: must be positive"),
     (["+norm=gn", "norm.groups=32", "model.width=0.125"],
      "norm.groups=32: must divide the 8 channels of every normalized layer"),
-    (["+norm=cbn", "norm.burnin_epochs=-1"], "norm.burnin=-1: must be a non-negative integer"),
+    (["+norm=cbn", "norm.burnin_epochs=-1"], "norm.burnin_epochs=-1.0: must be in [0, inf)"),
     (["+norm=brn", "norm.rmax_iters=0"], "norm.rmax_iters=0: must be positive"),
     (["+norm=ghost", "norm.burnin_epochs=1"], "norm.burnin_epochs: norm=ghost has no burn-in"),
 ])
@@ -133,8 +146,52 @@ def test_documented_forms_compose(args):
     cli.validate_overrides(args)
 
 
-def test_cfg_job_prints_config(tmp_path):
-    out = run_cli("train", "+norm=gn", "--cfg", "job", cwd=tmp_path)
+def _composed(*args: str) -> list[dict]:
+    from omegaconf import OmegaConf
+
+    return [OmegaConf.to_container(cfg) for cfg in cli.validate_overrides(args)]
+
+
+@pytest.mark.parametrize("name", ["cbn", "gn", "ghost", "bn"])
+def test_norm_and_plus_norm_compose_the_same_job(name):
+    """``norm=X`` (a choice in the defaults list) and ``+norm=X`` (the older spelling): the same
+    config, Hydra's own record of the job included (overrides, choices, sweep subdir name)."""
+    (cfg,) = _composed(f"norm={name}", "trainer.epochs=2")
+    assert _composed(f"+norm={name}", "trainer.epochs=2") == [cfg]
+    assert cfg["norm"]["name"] == name and cfg["hydra"]["runtime"]["choices"]["norm"] == name
+    assert cfg["hydra"]["overrides"]["task"] == [f"norm={name}", "trainer.epochs=2"]
+    if name == "cbn":  # the group file's values, not the schema's defaults
+        assert (cfg["norm"]["window"], cfg["norm"]["burnin_epochs"]) == (4, 1.0)
+    if name == "bn":  # the default: choosing it changes nothing but the record of the overrides
+        (default,) = _composed("trainer.epochs=2")
+        assert default["norm"] == cfg["norm"] and default["trainer"] == cfg["trainer"]
+
+
+def test_norm_sweeps_in_both_spellings():
+    jobs = _composed("-m", "norm=bn,gn", "trainer.batch_size=8,32")
+    assert _composed("-m", "+norm=bn,gn", "trainer.batch_size=8,32") == jobs
+    assert [(j["norm"]["name"], j["trainer"]["batch_size"]) for j in jobs] == [
+        ("bn", 8), ("bn", 32), ("gn", 8), ("gn", 32)]
+    # glob() over the group's options (Hydra's basic sweeper does the same)
+    assert [j["norm"]["name"] for j in _composed("-m", "norm=glob(g*)")] == ["ghost", "gn"]
+    assert [j["trainer"]["epochs"] for j in _composed("-m", "trainer.epochs=range(1,4)")] == [
+        1, 2, 3]
+
+
+def test_info_flags_skip_validation_and_launch(tmp_path, capsys, monkeypatch):
+    """--help prints Hydra's help for any command line: no validation (an unwritable run dir),
+    no processes started for dist.nproc=2."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "dist.nproc=2", "hydra.run.dir=/proc/nope/run", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr()
+    assert "Powered by Hydra" in out.out and "bnbench: error" not in out.err
+
+
+@pytest.mark.parametrize("spelling", ["norm=gn", "+norm=gn"])
+def test_cfg_job_prints_config(spelling, tmp_path):
+    out = run_cli("train", spelling, "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "name: gn" in out.stdout and "epochs: 8" in out.stdout
     assert not (tmp_path / "outputs").exists()
@@ -145,7 +202,7 @@ def _summary(run_dir: Path) -> dict:
 
 
 def test_gn_run_end_to_end(tmp_path):
-    out = run_cli("train", "+norm=gn", *TINY, "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    out = run_cli("train", "norm=gn", *TINY, "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     summary = _summary(run)
@@ -182,11 +239,17 @@ def test_bn_run_logs_ema_and_precise(tmp_path):
     assert {"train/loss", "val/top1_ema", "val/top1_precise"} <= set(acc.Tags()["scalars"])
 
 
+def _norm_in_name(job_dir: str) -> str:
+    """The norm override in a sweep job's dir name ``<num>_<override>,<override>,…``."""
+    (found,) = re.findall(r"(?:^\d+_|,)(\+*norm=[^,]*)", job_dir)
+    return found
+
+
 def test_multirun_sweep_one_dir_per_job(tmp_path):
     out = run_cli(
         "train",
         "-m",
-        "+norm=bn,gn",
+        "norm=bn,gn",
         "trainer.batch_size=8,32",
         *TINY[:4],
         "trainer.max_iters=2",
@@ -200,6 +263,7 @@ def test_multirun_sweep_one_dir_per_job(tmp_path):
     assert len(dirs) == 4
     seen = {(_summary(d)["norm"]["name"], _summary(d)["batch_per_process"]) for d in dirs}
     assert seen == {("bn", 8), ("bn", 32), ("gn", 8), ("gn", 32)}
+    assert {_norm_in_name(d.name) for d in dirs} == {"norm=bn", "norm=gn"}  # job dir names
 
 
 def test_kill_and_resume_is_exact(tmp_path):
@@ -256,7 +320,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
         (["+norm=ghost", "norm.nbs=1", "model.small_input=false"], "1 value per channel"),
         (["dataset=imagefolder", "dataset.root=/nonexistent"], "/nonexistent"),
         (["+norm=gn", "norm.groups=5"], "norm.groups=5"),
-        (["+norm=gn", "norm.groups=0"], "norm.groups=0: must be a positive integer"),
+        (["+norm=gn", "norm.groups=0"], "norm.groups=0: must be positive"),
     ],
 )
 def test_bad_runtime_inputs_are_one_line(args, needle, tmp_path):
@@ -316,6 +380,9 @@ def test_every_variant_trains_through_plus_norm(tmp_path):
         for p in (tmp_path / "sweep").glob("*/summary.json")
     }
     assert set(summaries) == set(NORMS)
+    # the job dirs are named as for norm=<name>: the same jobs as `-m norm=...`
+    dirs = [p.parent.name for p in (tmp_path / "sweep").glob("*/summary.json")]
+    assert {_norm_in_name(d) for d in dirs} == {f"norm={n}" for n in NORMS}, dirs
     for name, summary in summaries.items():
         kinds = set(summary["final_top1"])
         expected = {"none"} if name in ("gn", "ln", "in") else {"ema", "precise"}

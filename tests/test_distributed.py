@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -239,59 +240,110 @@ def test_shuffle_bn_single_process_is_identity():
 SLURM_JOB = {
     "SLURM_JOB_ID": "123456",
     "SLURM_JOB_NODELIST": "gpu[007-008]",
+    "SLURM_JOB_NUM_NODES": "2",
     "SLURM_NTASKS": "16",
     "SLURM_TASKS_PER_NODE": "8(x2)",
-    "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7",
 }
+#: What a task of a torchrun job / SLURM job may find in its environment (cleared by the tests).
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT")
 
 
-def test_env_from_slurm_maps_a_two_node_job():
-    env = {**SLURM_JOB, "SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NODEID": "1"}
-    assert D.env_from_slurm(env) == {
+@pytest.fixture
+def slurm_task(monkeypatch):
+    """``slurm_task(**env)``: this process becomes a SLURM task with exactly ``env`` (plus
+    ``SLURM_JOB``'s values unless overridden); everything is restored afterwards."""
+    for key in [*LAUNCH_ENV, "SUBMITIT_EXECUTOR"]:
+        monkeypatch.setenv(key, "")  # recorded (absent or not), so anything set later is undone
+        monkeypatch.delenv(key)
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "TORCHELASTIC_")):
+            monkeypatch.delenv(key)
+
+    def become(job=SLURM_JOB, **env: str) -> None:
+        for key in list(os.environ):
+            if key.startswith("SLURM_"):
+                monkeypatch.delenv(key)
+        for key, value in {**job, **env}.items():
+            monkeypatch.setenv(key, value)
+
+    return become
+
+
+def test_env_from_slurm_maps_a_two_node_job(slurm_task):
+    slurm_task(SLURM_PROCID="11", SLURM_LOCALID="3", SLURM_NODEID="1")
+    env = D.env_from_slurm()
+    port = env.pop("MASTER_PORT")
+    assert env == {
         "RANK": "11",
         "WORLD_SIZE": "16",
         "LOCAL_RANK": "3",
         "LOCAL_WORLD_SIZE": "8",
-        "GROUP_RANK": "1",
-        "MASTER_ADDR": "gpu007",
-        "MASTER_PORT": str(15000 + 123456 % 20000),
+        "MASTER_ADDR": "gpu007",  # the job's first node
     }
-    # every task of the job agrees on the rendezvous
-    other = D.env_from_slurm({**SLURM_JOB, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"})
-    assert other["MASTER_ADDR"] == "gpu007" and other["MASTER_PORT"] == "18456"
-    assert other["RANK"] == "0" and other["LOCAL_RANK"] == "0" and other["GROUP_RANK"] == "0"
+    assert 20000 <= int(port) <= 60000
+    assert "SUBMITIT_EXECUTOR" not in os.environ  # the reading leaves no trace
+    # every task of the job agrees on the rendezvous, again after a requeue (same job id)
+    for procid, node in (("0", "0"), ("15", "1")):
+        slurm_task(SLURM_PROCID=procid, SLURM_LOCALID="0", SLURM_NODEID=node)
+        other = D.env_from_slurm()
+        assert (other["MASTER_ADDR"], other["MASTER_PORT"]) == ("gpu007", port)
+        assert other["RANK"] == procid
+    # another job, or another task of a job array, gets another port
+    slurm_task(SLURM_PROCID="0", SLURM_JOB_ID="123457")
+    assert D.env_from_slurm()["MASTER_PORT"] != port
+    array = {**SLURM_JOB, "SLURM_PROCID": "0", "SLURM_ARRAY_JOB_ID": "77"}
+    ports = set()
+    for task in ("1", "2"):
+        slurm_task(array, SLURM_ARRAY_TASK_ID=task)
+        ports.add(D.env_from_slurm()["MASTER_PORT"])
+    assert len(ports) == 2
 
 
-def test_env_from_slurm_step_values_and_user_choices_win():
-    env = {
-        **SLURM_JOB,
-        "SLURM_PROCID": "1",
-        "SLURM_LOCALID": "1",
-        "SLURM_STEP_NUM_TASKS": "4",
-        "SLURM_STEP_NODELIST": "node12,node3",
-        "SLURM_STEP_TASKS_PER_NODE": "2,2",
-        "MASTER_PORT": "29999",
-    }
-    out = D.env_from_slurm(env)
-    assert out["WORLD_SIZE"] == "4" and out["MASTER_ADDR"] == "node12"
-    assert out["MASTER_PORT"] == "29999" and out["LOCAL_WORLD_SIZE"] == "2"
-    assert D.env_from_slurm({**env, "MASTER_ADDR": "head"})["MASTER_ADDR"] == "head"
-    bare = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LAUNCH_NODE_IPADDR": "10.1.2.3"}
-    assert D.env_from_slurm(bare)["MASTER_ADDR"] == "10.1.2.3"
-    with pytest.raises(BnbenchError, match="SLURM_PROCID"):
-        D.env_from_slurm({"SLURM_JOB_ID": "1"})
+def test_env_from_slurm_user_choices_win(slurm_task, monkeypatch):
+    slurm_task(SLURM_PROCID="1", SLURM_LOCALID="1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("MASTER_ADDR", "head")
+    out = D.env_from_slurm()
+    assert (out["MASTER_ADDR"], out["MASTER_PORT"]) == ("head", "29999")
 
 
 @pytest.mark.parametrize(
-    "hostlist,hosts",
+    "hostlist,first",
     [
-        ("node1", ["node1"]),
-        ("gpu[001-003,010]", ["gpu001", "gpu002", "gpu003", "gpu010"]),
-        ("a[1-2],b7,c[09-10]", ["a1", "a2", "b7", "c09", "c10"]),
+        ("node1", "node1"),
+        ("gpu[001-003,010]", "gpu001"),
+        ("c[09-10],a[1-2],b7", "c09"),
+        ("", socket.gethostname()),  # no node list: this host
     ],
 )
-def test_expand_hostlist(hostlist, hosts):
-    assert D.expand_hostlist(hostlist) == hosts
+def test_env_from_slurm_master_is_the_first_node(hostlist, first, slurm_task):
+    slurm_task(SLURM_PROCID="0", SLURM_JOB_NODELIST=hostlist)
+    assert D.env_from_slurm()["MASTER_ADDR"] == first
+
+
+def test_env_from_slurm_errors_are_one_line(slurm_task):
+    slurm_task({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})  # no SLURM_JOB_ID
+    with pytest.raises(BnbenchError, match="SLURM: SLURM_JOB_ID is not set"):
+        D.env_from_slurm()
+    slurm_task(SLURM_PROCID="0", SLURM_JOB_NODELIST="gpu[001-")
+    with pytest.raises(BnbenchError, match="SLURM: cannot read this task's environment"):
+        D.env_from_slurm()
+    assert "SUBMITIT_EXECUTOR" not in os.environ
+
+
+def test_slurm_rank_launch_and_join(slurm_task, monkeypatch):
+    slurm_task(SLURM_PROCID="5", SLURM_LOCALID="1", SLURM_NODEID="0")
+    assert D.launch_rank() == 5
+    assert not D.should_launch(2, ["dist.nproc=2"])  # a 16-task step: the processes exist
+    slurm_task(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_JOB_NUM_NODES="1")
+    assert D.launch_rank() == 0
+    assert D.should_launch(2, ["dist.nproc=2"])  # one task: bnbench starts its processes
+    assert not D.init_from_env("gloo")  # a world of one: no group, but torch's variables set
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == (
+        "0", "1", "gpu007")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # inside a submitit job: the same reading
+    assert D.env_from_slurm()["RANK"] == "0" and os.environ["SUBMITIT_EXECUTOR"] == "slurm"
 
 
 def test_slurm_detection_defers_to_torchrun():
@@ -306,7 +358,9 @@ def test_should_launch_only_outside_a_group(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     assert D.should_launch(2, ["dist.nproc=2"])
     assert not D.should_launch(1, [])
-    assert not D.should_launch(2, ["dist.nproc=2", "--cfg", "job"])
+    for printing in (["--cfg", "job"], ["--cfg=job"], ["-c", "all"], ["--info"], ["--help"],
+                     ["--hydra-help"], ["-sc", "install=bash"]):
+        assert not D.should_launch(2, ["dist.nproc=2", *printing]), printing
     with pytest.raises(BnbenchError, match="tasks_per_node"):
         D.should_launch(2, ["+cluster=slurm", "dist.nproc=2"])
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
@@ -354,7 +408,8 @@ TINY = [
     "trainer.progress=false",
 ]
 B = 16  # per-process batch of the 2-rank runs; the 1-process runs use 2B
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", D.FAIL_RANK_ENV)
+#: ``bnbench`` with rank R failing at training step S: ``FAIL_ENTRY R S train ...``.
+FAIL_ENTRY = Path(__file__).with_name("fail_entry.py")
 
 
 @pytest.fixture(scope="module")
@@ -362,19 +417,21 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def bnbench(*args: str, cwd: Path, cache: Path, torchrun: int = 0, env=None, popen=False):
-    """``python -m bnbench ...`` or ``torchrun --standalone --nproc-per-node=N -m bnbench ...``."""
+def bnbench(*args: str, cwd: Path, cache: Path, torchrun: int = 0, env=None, popen=False,
+            program=("-m", "bnbench")):
+    """``python -m bnbench ...`` or ``torchrun --standalone --nproc-per-node=N -m bnbench ...``
+    (``program``: what python/torchrun runs instead of ``-m bnbench``, e.g. a script)."""
     base = {
         k: v
         for k, v in os.environ.items()
-        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_"))
+        if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_", "SUBMITIT_"))
     }
     full_env = {**base, "BNBENCH_CACHE": str(cache), **(env or {})}
     if torchrun:
         torchrun_bin = Path(sys.executable).with_name("torchrun")
-        cmd = [str(torchrun_bin), "--standalone", f"--nproc-per-node={torchrun}", "-m", "bnbench"]
+        cmd = [str(torchrun_bin), "--standalone", f"--nproc-per-node={torchrun}", *program]
     else:
-        cmd = [sys.executable, "-m", "bnbench"]
+        cmd = [sys.executable, *program]
     cwd.mkdir(parents=True, exist_ok=True)
     if popen:
         return subprocess.Popen(
@@ -447,7 +504,7 @@ def bn_two_ranks(tmp_path_factory, cache) -> tuple[Path, object]:
 def test_two_ranks_bn_equals_one_process_ghost(bn_two_ranks, tmp_path, cache):
     run, out = bn_two_ranks
     assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # one run dir, nothing else
-    assert "global batch 32 (16 × 2 processes), normalization batch 16" in out.stdout
+    assert "32 (16 × 2 processes)" in out.stdout  # the batch plan: global batch, per process
     s = _summary(run)
     assert (s["world_size"], s["batch_per_process"], s["normalization_batch"]) == (2, B, B)
     ghost = bnbench(
@@ -534,7 +591,7 @@ def test_killed_two_rank_cbn_run_resumes_each_ranks_history(tmp_path, cache):
     """CBN's window history differs per rank: each rank's checkpoint shard brings back its own
     (resuming every rank from rank 0's history would change rank 1's normalization)."""
     args = ["train", *TINY, f"trainer.batch_size={B}", "trainer.epochs=3", "+norm=cbn",
-            "norm.burnin_epochs=0.5", "norm.kernel=eager", "hydra.run.dir=run"]
+            "norm.burnin_epochs=0.5", "hydra.run.dir=run"]
     ref = tmp_path / "ref"
     ref.mkdir()
     _ok(bnbench(*args, cwd=ref, cache=cache, torchrun=2))
@@ -565,14 +622,15 @@ def test_failing_rank_ends_the_torchrun_job(tmp_path, cache):
         cwd=tmp_path,
         cache=cache,
         torchrun=2,
-        env={D.FAIL_RANK_ENV: "1"},
+        program=(str(FAIL_ENTRY), "1", "3"),  # rank 1 fails at its training step 3
     )
     assert out.returncode != 0
     assert time.time() - start < 120  # nothing hung
     errors = [line for line in out.stderr.splitlines() if line.startswith("bnbench: error:")]
-    assert errors[0] == (
-        f"bnbench: error: rank 1/2: {D.FAIL_RANK_ENV}=1: injected failure at training step 3"
-    )
+    assert errors[0] == "bnbench: error: rank 1/2: injected failure at training step 3", errors
+    assert not (tmp_path / "run" / "summary.json").exists()  # rank 0 did not finish either
+    # every rank exited non-zero (torchrun lists each failed process: error, or its SIGTERM)
+    assert set(re.findall(r"rank\s*: (\d+) \(local_rank", out.stderr)) == {"0", "1"}, out.stderr
     # the survivor, if it noticed before torchrun stopped it, says why in one line
     assert all("another process failed" in line for line in errors[1:]), errors
     assert "[rank0]: Traceback" not in out.stderr
@@ -614,7 +672,8 @@ def test_srun_style_slurm_tasks_with_shuffle_bn(tmp_path, cache):
         "MASTER_PORT": str(_free_port()),
     }
     args = ["train", *TINY, f"trainer.batch_size={B}", "dist.shuffle_bn=true", "trainer.epochs=1"]
-    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    base = {k: v for k, v in os.environ.items()
+            if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "SUBMITIT_"))}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "bnbench", *args],
@@ -635,7 +694,7 @@ def test_srun_style_slurm_tasks_with_shuffle_bn(tmp_path, cache):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr[-3000:]
-    assert "normalization batch 16 (ShuffleBN)" in outs[0][0]
+    assert "(16 × 2 processes)" in outs[0][0] and "16 samples (ShuffleBN)" in outs[0][0]
     assert [p.name for p in tmp_path.iterdir()] == ["outputs"]  # rank 0's dir only
     runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(runs) == 1

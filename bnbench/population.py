@@ -34,12 +34,11 @@ from contextlib import contextmanager, suppress
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnbench.errors import BnbenchError
 from bnbench.norm import eval_stats_mode
-from bnbench.norm.base import BatchNorm2d, batch_moments
+from bnbench.norm.base import BatchNorm2d, batch_norm_with_moments
 
 ESTIMATORS = ("population", "batch_mean")
 Batches = Callable[[], Iterable[Tensor]]
@@ -97,10 +96,9 @@ def _torch_hook(observer):
 
     def hook(layer: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         x = inputs[0]
-        mean, var = batch_moments(x.detach())
+        y, mean, var = batch_norm_with_moments(x, layer.weight, layer.bias, layer.eps)
         observer(layer, 0, mean, var, x.numel() // x.shape[1])
-        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), layer.weight, layer.bias,
-                            False, 0.0, layer.eps)
+        return y
 
     return hook
 

@@ -87,6 +87,19 @@ def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def batch_norm_with_moments(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` normalized with its own batch statistics, and those statistics (biased mean and
+    variance ``(C,)`` in :func:`statistics_dtype`), from one native ``F.batch_norm`` call: with
+    momentum 1 its running buffers become the batch mean and the unbiased variance
+    ``σ²·M/(M − 1)``. What PreciseBN observes (no gradient intended)."""
+    c, count = x.shape[1], x.numel() // x.shape[1]
+    mean = torch.zeros(c, dtype=statistics_dtype(x), device=x.device)
+    var = torch.ones_like(mean)
+    y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, eps)
+    return y, mean, var.mul_((count - 1) / count) if count > 1 else var.zero_()
+
+
 class Ema(NamedTuple):
     """A training step's update of the population statistics (buffers, updated in place):
 
@@ -355,12 +368,10 @@ class BatchNorm2d(nn.BatchNorm2d):
     def _observed_forward(self, x: Tensor) -> Tensor:
         """PreciseBN: normalize with the whole per-process batch and report its statistics."""
         self._check_group_size(x, x.shape[0])
-        mean, var = batch_moments(x.detach())
-        self._observer(self, self._slot(), mean, var, x.numel() // x.shape[1])
         weight, bias = self._affine()
-        return F.batch_norm(
-            x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, self.eps
-        )
+        y, mean, var = batch_norm_with_moments(x, weight, bias, self.eps)
+        self._observer(self, self._slot(), mean, var, x.numel() // x.shape[1])
+        return y
 
     def _ema(self) -> Ema:
         """This layer's population update in a training step (BN's rule)."""
@@ -379,5 +390,6 @@ class BatchNorm2d(nn.BatchNorm2d):
         )
 
 
-__all__ = ["BatchNorm2d", "Ema", "batch_moments", "ghost_batch_norm", "normalize",
+__all__ = ["BatchNorm2d", "Ema", "batch_moments", "batch_norm_with_moments", "ghost_batch_norm",
+           "normalize",
            "sync_moments", "update_population"]

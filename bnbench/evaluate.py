@@ -1,21 +1,245 @@
-"""Validation: accuracy under each kind of normalization statistics.
+"""Evaluation: accuracy under a chosen kind of normalization statistics — the one path.
 
-Kinds (``stats`` in ``metrics.jsonl``): ``ema`` — the population statistics trained by EMA;
-``precise`` — PreciseBN statistics recomputed on training samples (:mod:`bnbench.population`);
-``batch`` — mini-batch statistics at inference (Rethinking §4.2); ``none`` — layers without
-batch statistics (GN/LN/IN), one accuracy.
+The trainer's per-epoch validation and ``bnbench eval`` (:mod:`bnbench.eval_app`) both call
+:func:`evaluate_stats`; it reads on its own, as torchvision's references' ``evaluate(model,
+loader)`` does. Kinds (``stats``, a :class:`StatsSpec`):
+
+* ``ema`` — the population statistics as the model holds them (trained by EMA);
+* ``precise`` — PreciseBN (Rethinking §3): statistics recomputed from ``N`` training samples in
+  batches of ``B`` (:func:`bnbench.population.update_population_stats`), with estimator Eq. 2
+  (``population``) or Eq. 3 (``batch_mean``), layer by layer or not (appendix A.3), with or
+  without the training augmentation, on the random subset that ``seed`` picks;
+* ``batch`` — mini-batch statistics at inference (Rethinking §4.2), in normalization batches of
+  ``nbs`` samples;
+* ``none`` — layers without batch statistics (GN/LN/IN): one accuracy.
+
+The model's own population statistics and evaluation settings are restored afterwards, so an
+evaluation never changes training. Records of ``bnbench eval`` (``<run>/evals.jsonl``) are read
+back with :func:`read_records` / :func:`find_record`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnbench.norm import bn_layers
+from bnbench.errors import BnbenchError
+from bnbench.norm import bn_layers, eval_stats_mode
+from bnbench.population import ESTIMATORS, Batches, preserved_population, update_population_stats
+
+if TYPE_CHECKING:
+    from bnbench.data import DataSource, Loader
+    from bnbench.plan import BatchPlan
+
+STATS_KINDS = ("ema", "precise", "batch", "none")
+LABELS = {"ema": "EMA", "precise": "PreciseBN", "batch": "batch-stats", "none": "top-1"}
+#: The trainer's PreciseBN subsets are drawn by a loader seeded ``trainer.seed + 7919``: an order
+#: of the training set unrelated to the SGD order (seeded ``trainer.seed``).
+PRECISE_SEED_OFFSET = 7919
+#: ``bnbench eval``'s records, one JSON object per line, in the run dir.
+EVALS_FILE = "evals.jsonl"
+
+Progress = Callable[[Iterable, int, str], Iterable]
+
+
+def no_progress(batches: Iterable, total: int, desc: str) -> Iterable:
+    """A :data:`Progress` that shows nothing."""
+    return batches
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """The statistics an evaluation uses, with every option that changes its result.
+
+    ``num_samples``/``batch_size`` are PreciseBN's requested ``N``/``B`` (the batch plan turns
+    them into whole batches per process); ``seed`` picks PreciseBN's random subset of the
+    training set; ``nbs`` is the normalization batch of ``batch`` (``None``: the layers' own
+    ``eval_nbs``). Options of another kind are ignored.
+    """
+
+    kind: str
+    num_samples: int = 0
+    batch_size: int = 0
+    estimator: str = "population"
+    seed: int = 0
+    layerwise: bool = False
+    augment: bool = True
+    nbs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STATS_KINDS:
+            raise BnbenchError(f"stats={self.kind}: choose one of {', '.join(STATS_KINDS)}")
+        if self.kind == "precise" and self.estimator not in ESTIMATORS:
+            raise BnbenchError(f"precise.estimator={self.estimator}: choose one of "
+                               f"{', '.join(ESTIMATORS)}")
+        if self.kind == "batch" and self.nbs is not None and self.nbs < 1:
+            raise BnbenchError(f"batch.nbs={self.nbs}: must be positive")
+
+    def options(self) -> dict[str, Any]:
+        """The options of this kind, keyed as ``bnbench eval`` overrides."""
+        if self.kind == "precise":
+            return {"stats": "precise", "precise.num_samples": self.num_samples,
+                    "precise.batch_size": self.batch_size, "precise.estimator": self.estimator,
+                    "precise.seed": self.seed, "precise.layerwise": self.layerwise,
+                    "precise.augment": self.augment}
+        if self.kind == "batch":
+            return {"stats": "batch", "batch.nbs": self.nbs}
+        return {"stats": self.kind}
+
+    def tag(self) -> str:
+        """A canonical string of the options (``stats=precise,N=…,B=…,…``)."""
+        if self.kind == "precise":
+            parts = [f"N={self.num_samples}", f"B={self.batch_size}",
+                     f"estimator={self.estimator}", f"seed={self.seed}",
+                     f"layerwise={canonical(self.layerwise)}",
+                     f"augment={canonical(self.augment)}"]
+        elif self.kind == "batch":
+            parts = [f"nbs={canonical(self.nbs)}"]
+        else:
+            parts = []
+        return ",".join([f"stats={self.kind}", *parts])
+
+
+def precise_spec(cfg: Any) -> StatsSpec:
+    """The trainer's PreciseBN: ``precise.*`` of the run's config, on the trainer's subset."""
+    p = cfg.precise
+    return StatsSpec("precise", num_samples=p.num_samples, batch_size=p.batch_size,
+                     estimator=p.estimator, seed=cfg.trainer.seed + PRECISE_SEED_OFFSET,
+                     layerwise=p.layerwise, augment=p.augment)
+
+
+def run_specs(model: nn.Module, cfg: Any, plan: BatchPlan) -> list[StatsSpec]:
+    """What the trainer validates with after an epoch: EMA, PreciseBN (``precise.enabled``) and,
+    for layers that evaluate with mini-batch statistics, those (at the plan's evaluation batch);
+    ``none`` alone for a model without batch-norm layers."""
+    layers = bn_layers(model)
+    if not layers:
+        return [StatsSpec("none")]
+    specs = [StatsSpec("ema")] + ([precise_spec(cfg)] if cfg.precise.enabled else [])
+    if any(m.eval_stats == "batch" for m in layers):
+        specs.append(StatsSpec("batch", nbs=plan.evaluation))
+    return specs
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How this process reads a dataset for evaluation: its shard (``rank`` of ``world``), the
+    device, the seed of shuffled evaluation orders (mini-batch statistics, training subsets), the
+    model's input precision (``float64``) and autocast, and a progress display."""
+
+    data: DataSource
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    float64: bool = False
+    autocast: bool = False
+    progress: Progress = no_progress
+
+    def loader(self, split: str, batch_size: int, *, augment: bool, shuffle: bool,
+               drop_last: bool, seed: int | None = None) -> Loader:
+        """A loader over ``split`` for this process (``seed``: default :attr:`seed`)."""
+        return self.data.loader(split, batch_size, augment=augment, shuffle=shuffle,
+                                drop_last=drop_last, seed=self.seed if seed is None else seed,
+                                rank=self.rank, world_size=self.world, device=self.device)
+
+    def cast(self, batches: Iterable[tuple[Tensor, Tensor]]) -> Iterable[tuple[Tensor, Tensor]]:
+        """Inputs in the model's precision (float64 for exact equivalence checks)."""
+        if not self.float64:
+            return batches
+        return ((x.double(), y) for x, y in batches)
+
+
+def precise_batches(reader: Reader, spec: StatsSpec, plan: BatchPlan, epoch: int) -> Batches:
+    """PreciseBN's input batches on this process: the first ``plan.precise_steps`` batches of
+    ``plan.precise_batch`` training images of a loader seeded ``spec.seed`` at ``epoch``
+    (augmented as in training with ``spec.augment``). The subset depends on the epoch, so that
+    each epoch's validation draws its own; every call of the factory yields the same batches."""
+    loader = reader.loader("train", plan.precise_batch, augment=spec.augment, shuffle=True,
+                           drop_last=True, seed=spec.seed)
+    loader.set_epoch(epoch)
+    steps = min(len(loader), plan.precise_steps)
+
+    def batches() -> Iterator[Tensor]:
+        shown = reader.progress(loader, steps, "PreciseBN")
+        for i, (x, _) in enumerate(reader.cast(shown)):
+            yield x
+            if i + 1 >= steps:
+                break
+
+    return batches
+
+
+def eval_batches(reader: Reader, plan: BatchPlan, *, split: str = "val", shuffle: bool = False,
+                 subset: int | None = None) -> tuple[Iterable[tuple[Tensor, Tensor]], int]:
+    """The batches of ``plan.eval_batch`` images of ``split`` that this process evaluates, and
+    their count: the whole split in order, or shuffled (seed ``reader.seed``); with ``subset``,
+    the first ``subset`` images of the shuffled order across all processes (a random subset)."""
+    loader = reader.loader(split, plan.eval_batch, augment=False,
+                           shuffle=shuffle or subset is not None, drop_last=False)
+    if subset is None:
+        return loader, len(loader)
+    per_step = plan.eval_batch * reader.world
+    steps = min(len(loader), math.ceil(subset / per_step))
+
+    def first() -> Iterator[tuple[Tensor, Tensor]]:
+        for step, (x, y) in enumerate(loader):
+            if step >= steps:
+                break
+            start = step * per_step + reader.rank * plan.eval_batch  # this share's first position
+            keep = max(0, min(y.shape[0], subset - start))
+            yield x[:keep], y[:keep]
+
+    return first(), steps
+
+
+@contextmanager
+def eval_nbs(model: nn.Module, nbs: int | None) -> Iterator[None]:
+    """Evaluate with mini-batch statistics in groups of ``nbs`` (``None``: the layers' own)."""
+    layers = bn_layers(model) if nbs is not None else []
+    saved = [layer.eval_nbs for layer in layers]
+    for layer in layers:
+        layer.eval_nbs = nbs
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, saved):
+            layer.eval_nbs = old
+
+
+def evaluate_stats(model: nn.Module, reader: Reader, spec: StatsSpec, plan: BatchPlan, *,
+                   epoch: int, split: str = "val", subset: int | None = None
+                   ) -> dict[str, float]:
+    """Top-1, top-5 (%) and mean cross-entropy of ``model`` on ``split`` (the first ``subset``
+    images of a random order, or all) with the statistics of ``spec``.
+
+    ``plan`` is the batch plan of the run's config with ``spec``'s PreciseBN ``N`` and ``B``
+    (:func:`bnbench.plan.batch_plan`): it gives the evaluation batch and PreciseBN's batches per
+    process; ``epoch`` is the index of the epoch the model has just trained (PreciseBN's
+    subset). The model's population statistics and evaluation settings are left as they were.
+    """
+    mode = "batch" if spec.kind == "batch" else "population"
+    # Mini-batch statistics need random batches (a class-sorted folder would leak labels).
+    batches, steps = eval_batches(reader, plan, split=split, shuffle=spec.kind == "batch",
+                                  subset=subset)
+    with preserved_population(model), eval_stats_mode(model, mode), \
+            eval_nbs(model, spec.nbs if spec.kind == "batch" else None):
+        if spec.kind == "precise":
+            update_population_stats(model, precise_batches(reader, spec, plan, epoch),
+                                    estimator=spec.estimator, layerwise=spec.layerwise)
+        name = "validation" if split == "val" else split
+        shown = reader.progress(batches, steps, f"{name} ({LABELS[spec.kind]})")
+        return evaluate(model, reader.cast(shown), reader.autocast)
 
 
 @torch.no_grad()
@@ -71,3 +295,67 @@ def sync_population_stats(model: nn.Module, mode: str = "average") -> None:
     for b in buffers:
         b.copy_(flat[offset : offset + b.numel()].view_as(b))
         offset += b.numel()
+
+
+# -- records of `bnbench eval` ------------------------------------------------------------------
+
+
+def canonical(value: Any) -> str:
+    """A value as an override spells it (``true``, ``null``, ``128``, ``population``); a string
+    is read as an override value first, so ``"128"`` and ``128`` are the same."""
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            return value
+        if isinstance(value, str):
+            return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The evaluation records of ``run_dir`` in the order written (a torn line is skipped)."""
+    path = Path(run_dir) / EVALS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "tag" in row:
+            records.append(row)
+    return records
+
+
+#: Options whose default does not depend on the run: a record with another value matches only
+#: when asked for (a train-split or other-dataset record is never taken for the validation one).
+_FIXED_DEFAULTS = {"split": "val", "train_subset": None}
+
+
+def _matches(record: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
+    wanted = {**_FIXED_DEFAULTS, **options}
+    if any(canonical(record.get(key)) != canonical(value) for key, value in wanted.items()):
+        return False
+    return all(key in wanted for key in record if key.startswith("dataset."))
+
+
+def find_record(run_dir: Path, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The latest evaluation record of ``run_dir`` whose options include ``options``
+    (``bnbench eval`` overrides as ``key: value``, e.g. ``{"stats": "precise",
+    "precise.batch_size": "10"}``), on the validation split of the run's dataset unless
+    ``options`` say otherwise; ``None`` if there is none."""
+    found = None
+    for record in read_records(run_dir):
+        if _matches(record, options):
+            found = record
+    return found

@@ -1,8 +1,11 @@
 """The training loop: config → data, model, optimizer → epochs → EMA vs PreciseBN validation.
 
-One obvious path (pycls-style): :func:`train` builds everything from the config and runs
-:func:`_train_epoch` / :func:`_validate` in turn. Learning rate: ``optim.lr`` is per 256 images and
-scaled by the global batch (Goyal et al. 2017), with linear warmup then cosine or step decay.
+One obvious path (pycls-style): :func:`train` builds everything from the config
+(:func:`build_run`: data, batch plan, loader, model — what ``bnbench eval`` rebuilds from a run's
+config too) and runs :func:`_train_epoch` / :func:`_validate` in turn; validation is
+:func:`bnbench.evaluate.evaluate_stats`, the one evaluation path. Learning rate: ``optim.lr`` is
+per 256 images and scaled by the global batch (Goyal et al. 2017), with linear warmup then cosine
+or step decay.
 """
 
 from __future__ import annotations
@@ -24,14 +27,22 @@ from torch import nn
 from bnbench import checkpoint as ckpt
 from bnbench import distributed as D
 from bnbench.config import layer_options
-from bnbench.data import build_dataset
+from bnbench.data import DataSource, Loader, build_dataset
 from bnbench.errors import BnbenchError
-from bnbench.evaluate import evaluate, sync_population_stats
+from bnbench.evaluate import (
+    LABELS,
+    Reader,
+    evaluate_stats,
+    precise_batches,
+    precise_spec,
+    run_specs,
+    sync_population_stats,
+)
 from bnbench.logs import RunLog, write_json
 from bnbench.models import build_model
-from bnbench.norm import bn_layers, eval_stats_mode, is_norm
-from bnbench.plan import batch_plan
-from bnbench.population import preserved_population, update_population_stats
+from bnbench.norm import bn_layers, is_norm
+from bnbench.plan import BatchPlan, batch_plan
+from bnbench.population import update_population_stats
 
 log = logging.getLogger("bnbench")
 
@@ -98,12 +109,45 @@ def param_groups(model: nn.Module, weight_decay: float, no_wd_norm_bias: bool) -
     ]
 
 
-def _stats_kinds(model: nn.Module, precise: bool) -> list[str]:
-    layers = bn_layers(model)
-    if not layers:
-        return ["none"]
-    kinds = ["ema"] + (["precise"] if precise else [])
-    return kinds + (["batch"] if any(m.eval_stats == "batch" for m in layers) else [])
+@dataclass(frozen=True)
+class RunParts:
+    """What a run's config builds before training: data, batch plan, training loader, model."""
+
+    data: DataSource
+    plan: BatchPlan
+    train_loader: Loader
+    model: nn.Module
+
+
+def build_run(cfg: DictConfig, *, rank: int = 0, world: int = 1,
+              device: torch.device | None = None) -> RunParts:
+    """The data, batch plan (for ``world`` processes), this process's training loader and the
+    model (on ``device``, default the CPU, in the run's precision and memory format) of a run,
+    as the trainer builds them. The layers' options depend on the iterations per epoch (CBN
+    burn-in, BRN schedules), so ``bnbench eval`` rebuilds a checkpoint's model with this too."""
+    device = device or torch.device("cpu")
+    data = build_dataset(cfg.dataset)
+    plan = batch_plan(cfg, world, data.train_size)
+    train_loader = data.loader("train", plan.per_process, augment=True, shuffle=True,
+                               drop_last=True, seed=cfg.trainer.seed, rank=rank,
+                               world_size=world, device=device)
+    options = layer_options(cfg, plan, len(train_loader))
+    model = build_model(cfg.model, cfg.norm.name, options, data.num_classes).to(device)
+    if cfg.trainer.float64:
+        model = model.double()
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return RunParts(data, plan, train_loader, model)
+
+
+def restore_frozen(model: nn.Module, cfg: DictConfig, epochs_done: int) -> None:
+    """Mark the layers FrozenBN in a model restored after ``epochs_done`` epochs of a run that
+    switched to FrozenBN before them (``norm.freeze_at_epoch``): a checkpoint holds the frozen
+    statistics, but the switch is an attribute, not a buffer."""
+    freeze = cfg.norm.freeze_at_epoch
+    if freeze is not None and epochs_done > freeze:
+        for layer in bn_layers(model):
+            layer.frozen = True
 
 
 class Trainer:
@@ -117,30 +161,17 @@ class Trainer:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)
         self.run_dir = run_dir
-        self.data = build_dataset(cfg.dataset)
         t = cfg.trainer
-        self.plan = batch_plan(cfg, self.world, self.data.train_size)
+        parts = build_run(cfg, rank=self.rank, world=self.world, device=self.device)
+        self.data, self.plan, self.model = parts.data, parts.plan, parts.model
         self.global_batch = self.plan.global_batch
-        self.train_loader = self._loader(
-            "train", self.plan.per_process, augment=True, shuffle=True, drop_last=True
-        )
+        self.train_loader = parts.train_loader
         self.iters_per_epoch = len(self.train_loader)
-        model = build_model(
-            cfg.model,
-            cfg.norm.name,
-            layer_options(cfg, self.plan, self.iters_per_epoch),
-            self.data.num_classes,
-        ).to(self.device)
-        if t.float64:
-            model = model.double()
-        if t.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.net = D.wrap_model(model, cfg.dist, self.device)
+        self.net = D.wrap_model(self.model, cfg.dist, self.device)
         if t.compile:  # the whole model, public API (checkpoints keep using self.model)
             self.net = torch.compile(self.net, backend=t.compile_backend)
         self.optimizer = torch.optim.SGD(
-            param_groups(model, cfg.optim.weight_decay, cfg.optim.no_wd_norm_bias),
+            param_groups(self.model, cfg.optim.weight_decay, cfg.optim.no_wd_norm_bias),
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             nesterov=cfg.optim.nesterov,
@@ -148,41 +179,18 @@ class Trainer:
         self.state = State()
         self.log = RunLog(run_dir if self.rank == 0 else None)
         self.ckpt_path = run_dir / "checkpoints" / "last.pt" if run_dir else None
-        self.kinds = _stats_kinds(model, cfg.precise.enabled)
         self.autocast = t.bf16  # bf16 autocast, on GPUs and CPUs alike
-
-    def _loader(
-        self,
-        split: str,
-        batch_size: int,
-        *,
-        augment: bool,
-        shuffle: bool,
-        drop_last: bool,
-        seed_offset: int = 0,
-    ):
-        return self.data.loader(
-            split,
-            batch_size,
-            augment=augment,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            seed=self.cfg.trainer.seed + seed_offset,
-            rank=self.rank,
-            world_size=self.world,
-            device=self.device,
-        )
+        # Validation reads as `bnbench eval` does: the same loaders, precision and statistics.
+        self.reader = Reader(self.data, seed=t.seed, rank=self.rank, world=self.world,
+                             device=self.device, float64=t.float64, autocast=self.autocast,
+                             progress=self._progress)
+        self.precise = precise_spec(cfg)
+        self.specs = run_specs(self.model, cfg, self.plan)
 
     def _progress(self, batches: Iterable, total: int, desc: str) -> Iterable:
         """:func:`progress` on rank 0."""
         return progress(batches, total, desc, self.cfg.trainer.progress if self.rank == 0
                         else False)
-
-    def _cast(self, batches):
-        """Inputs in the model's precision (float64 for exact equivalence checks)."""
-        if not self.cfg.trainer.float64:
-            return batches
-        return ((x.double(), y) for x, y in batches)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint(self) -> None:
@@ -280,7 +288,7 @@ class Trainer:
         if cfg.trainer.max_iters:
             total = max(0, min(total, cfg.trainer.max_iters - self.state.iteration))
         bar = self._progress(self.train_loader, total, f"epoch {epoch + 1}/{cfg.trainer.epochs}")
-        for x, y in self._cast(bar):
+        for x, y in self.reader.cast(bar):
             lr = self._set_lr()
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 logits = net(x)
@@ -339,43 +347,19 @@ class Trainer:
 
     # -- validation ---------------------------------------------------------------------------
     def _precise_batches(self):
-        loader = self._loader("train", self.plan.precise_batch, augment=self.cfg.precise.augment,
-                              shuffle=True, drop_last=True, seed_offset=7919)
-        loader.set_epoch(self.state.epoch)
-        steps = min(len(loader), self.plan.precise_steps)
-
-        def batches():
-            shown = self._progress(loader, steps, "PreciseBN")
-            for i, (x, _) in enumerate(self._cast(shown)):
-                yield x
-                if i + 1 >= steps:
-                    break
-
-        return batches
+        """PreciseBN's batches for the model of this epoch (the trainer's subset)."""
+        return precise_batches(self.reader, self.precise, self.plan, self.state.epoch)
 
     def _validate(self, epoch: int) -> dict[str, dict[str, float]]:
-        cfg = self.cfg
-        sync_population_stats(self.model, cfg.dist.ema_sync)
+        """Every kind of statistics of :func:`bnbench.evaluate.run_specs` on the validation
+        set, after the processes' EMA statistics are made equal."""
+        sync_population_stats(self.model, self.cfg.dist.ema_sync)
         results: dict[str, dict[str, float]] = {}
-        for kind in self.kinds:
+        for spec in self.specs:
             start = time.perf_counter()
-            mode = "batch" if kind == "batch" else "population"
-            # Batch statistics need random batches (a class-sorted folder would leak labels).
-            val = self._loader(
-                "val", self.plan.eval_batch, augment=False, shuffle=kind == "batch",
-                drop_last=False
-            )
-            with preserved_population(self.model), eval_stats_mode(self.model, mode):
-                if kind == "precise":
-                    update_population_stats(
-                        self.model,
-                        self._precise_batches(),
-                        estimator=cfg.precise.estimator,
-                        layerwise=cfg.precise.layerwise,
-                    )
-                shown = self._progress(val, len(val), f"validation ({_label(kind)})")
-                results[kind] = evaluate(self.model, self._cast(shown), self.autocast)
-            results[kind]["time"] = time.perf_counter() - start
+            results[spec.kind] = evaluate_stats(self.model, self.reader, spec, self.plan,
+                                                epoch=self.state.epoch)
+            results[spec.kind]["time"] = time.perf_counter() - start
         return results
 
     # -- the run ------------------------------------------------------------------------------
@@ -454,7 +438,7 @@ class Trainer:
 
 
 def _label(kind: str) -> str:
-    return {"ema": "EMA", "precise": "PreciseBN", "batch": "batch-stats", "none": "top-1"}[kind]
+    return LABELS[kind]
 
 
 def progress(iterable: Iterable, total: int, desc: str, mode: bool | None) -> Iterable:

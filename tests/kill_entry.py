@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-import bnbench.train as train_module
+import bnbench.evaluate as evaluate_module
 from bnbench.cli import main
 
 
@@ -33,7 +33,8 @@ def _kill_at(count: int, original, counts=lambda *args: True):
 if __name__ == "__main__":
     where, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     if where == "validation":
-        train_module.evaluate = _kill_at(count, train_module.evaluate)
+        # the trainer's validation goes through evaluate_stats, which calls this
+        evaluate_module.evaluate = _kill_at(count, evaluate_module.evaluate)
     elif where == "checkpoint":
         torch.save = _kill_at(count, torch.save,  # the run's checkpoint, not the data cache
                               lambda obj, *rest: isinstance(obj, dict) and "optimizer" in obj)

@@ -1,0 +1,270 @@
+"""``bnbench experiment <paper>/<name> [scale=…] [overrides]``: a table or figure, end to end.
+
+An experiment is one config, ``configs/experiment/<paper>/<name>.yaml``: its training runs (row
+label → ``bnbench train`` overrides), its post-hoc evaluations of every run (column label →
+``bnbench eval`` overrides), its claims and where the paper's numbers are. A scale preset
+(``configs/scale/{smoke,cpu,paper}.yaml``) adds the overrides of every training job and the
+sizes the experiment interpolates (``${scale.…}``). Every other override on the command line
+(``dataset=…``, ``model=…``, ``dist.nproc=…``, ``+cluster=slurm``, ``hydra/launcher=…``) is
+passed to every training job, so the same experiment runs on a user's data and cluster.
+
+Each training job is a one-job Hydra multirun of ``bnbench train`` (so Hydra's launchers apply:
+submitit for SLURM) in a stable directory ``<root>/<paper>/<name>/<scale>/<run>/`` with
+``trainer.resume=true``: run again, a finished job (its ``summary.json``) is skipped and a killed
+one resumes from its checkpoint; ``bnbench eval`` skips an evaluation it has recorded already.
+A failed job is reported at the end and the others still run. ``tensorboard --logdir
+<root>/<paper>/<name>/<scale>`` overlays the runs' curves. The report
+(:mod:`bnbench.report`) is written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bnbench.errors import BnbenchError
+
+log = logging.getLogger("bnbench")
+
+#: What the experiment command reads itself; every other override goes to the training jobs.
+OWN_KEYS = ("scale", "root", "results")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One subprocess: a training run or an evaluation of one."""
+
+    kind: str  # "train" | "eval"
+    run: str  # the run's row label
+    label: str  # the run's label, or the evaluation's column label
+    argv: tuple[str, ...]
+
+
+@dataclass
+class Outcome:
+    job: Job
+    status: str  # "done" | "skipped" | "failed" | "not run"
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A composed experiment config with its scale resolved."""
+
+    name: str
+    scale: str
+    spec: dict[str, Any]
+    scale_spec: dict[str, Any]
+    root: Path
+    results: Path
+    forwarded: tuple[str, ...] = field(default=())
+
+    @property
+    def directory(self) -> Path:
+        return self.root / self.name / self.scale
+
+    def run_dir(self, run: str) -> Path:
+        return self.directory / slug(run)
+
+
+def slug(label: str) -> str:
+    """A directory name for a row label (``NBS=32`` → ``NBS_32``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "run"
+
+
+def known() -> list[str]:
+    """Every experiment shipped in the package, as ``<paper>/<name>``."""
+    base = resources.files("bnbench.configs") / "experiment"
+    return sorted(f"{paper.name}/{item.name[:-5]}" for paper in base.iterdir()
+                  if paper.is_dir() for item in paper.iterdir() if item.name.endswith(".yaml"))
+
+
+def load(name: str, overrides: list[str]) -> Experiment:
+    """Compose ``configs/experiment/<name>.yaml`` with the scale and own keys of ``overrides``
+    (the rest is forwarded to the training jobs)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    if name not in known():
+        raise BnbenchError(f"experiment {name!r} is unknown; known: {', '.join(known())}")
+    own = [o for o in overrides if o.split("=", 1)[0].lstrip("+") in OWN_KEYS]
+    forwarded = tuple(o for o in overrides if o not in own)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("bnbench.configs", version_base="1.3"):
+            cfg = compose("experiment_app", overrides=[f"+experiment={name}", *own])
+    except Exception as err:
+        from bnbench.cli import describe
+
+        raise BnbenchError(describe(err)) from err
+    finally:
+        GlobalHydra.instance().clear()
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return Experiment(name, container["scale"]["name"], container["experiment"],
+                      container["scale"], Path(container["root"]), Path(container["results"]),
+                      forwarded)
+
+
+def capped(overrides: list[str]) -> list[str]:
+    """Evaluation overrides with PreciseBN's B capped at its N (``B=N`` columns at any scale)."""
+    values = dict(o.split("=", 1) for o in overrides if "=" in o)
+    n, b = values.get("precise.num_samples"), values.get("precise.batch_size")
+    if n is None or b is None or int(b) <= int(n):
+        return overrides
+    return [f"precise.batch_size={n}" if o.startswith("precise.batch_size=") else o
+            for o in overrides]
+
+
+def jobs(exp: Experiment) -> list[Job]:
+    """Every training job, then every evaluation of every run."""
+    bnbench = (sys.executable, "-m", "bnbench")
+    out = []
+    for run, overrides in exp.spec["runs"].items():
+        argv = (*bnbench, "train", "-m", *exp.scale_spec["train"], *overrides, *exp.forwarded,
+                f"hydra.sweep.dir={exp.directory}", f"hydra.sweep.subdir={slug(run)}",
+                "trainer.resume=true")
+        out.append(Job("train", run, run, argv))
+    for run in exp.spec["runs"]:
+        for column, overrides in exp.spec.get("evals", {}).items():
+            argv = (*bnbench, "eval", f"run={exp.run_dir(run)}", *capped(list(overrides)))
+            out.append(Job("eval", run, column, argv))
+    return out
+
+
+def _finished(exp: Experiment, job: Job) -> bool:
+    """A training run with its ``summary.json``; an evaluation recorded at the run's last
+    iteration (``bnbench eval`` would say so too, after starting a process)."""
+    summary = exp.run_dir(job.run) / "summary.json"
+    if not summary.exists():
+        return False
+    if job.kind == "train":
+        return True
+    from bnbench.evaluate import find_record
+
+    options = dict(a.split("=", 1) for a in job.argv[job.argv.index("eval") + 2:] if "=" in a)
+    record = find_record(exp.run_dir(job.run), options)
+    return record is not None and record["iter"] == json.loads(summary.read_text())["iterations"]
+
+
+def run_job(job: Job) -> tuple[bool, str]:
+    """Run one job; its output goes to the terminal as usual. ``(ok, last error line)``."""
+    proc = subprocess.run(job.argv, stderr=subprocess.PIPE, text=True)
+    if proc.stderr:
+        sys.stderr.write(proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("bnbench: error:")]
+    return proc.returncode == 0, (errors or lines or [f"exit status {proc.returncode}"])[-1]
+
+
+def execute(exp: Experiment) -> list[Outcome]:
+    """Run every job that is not finished; a failed run's evaluations are not run."""
+    todo = jobs(exp)
+    outcomes: list[Outcome] = []
+    failed_runs: set[str] = set()
+    durations: list[float] = []
+    for index, job in enumerate(todo, 1):
+        what = f"[{index}/{len(todo)}] {job.kind} {job.run}" + (
+            f" / {job.label}" if job.kind == "eval" else "")
+        if job.run in failed_runs:
+            outcomes.append(Outcome(job, "not run", message="its training run failed"))
+            continue
+        if _finished(exp, job):
+            outcomes.append(Outcome(job, "skipped", message="finished before"))
+            print(f"{what}: finished before, skipped", flush=True)
+            continue
+        remaining = len(todo) - index + 1
+        eta = f", ETA {_duration(sum(durations) / len(durations) * remaining)}" if durations else ""
+        print(f"{what}{eta}", flush=True)
+        start = time.perf_counter()
+        ok, message = run_job(job)
+        seconds = time.perf_counter() - start
+        durations.append(seconds)
+        outcomes.append(Outcome(job, "done" if ok else "failed", seconds, "" if ok else message))
+        if not ok and job.kind == "train":
+            failed_runs.add(job.run)
+    return outcomes
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def record(exp: Experiment, outcomes: list[Outcome], argv: list[str], seconds: float) -> Path:
+    """``experiment.json`` in the experiment directory: what ran, where, how long (the report's
+    header); appended to on every invocation."""
+    exp.directory.mkdir(parents=True, exist_ok=True)
+    path = exp.directory / "experiment.json"
+    history = json.loads(path.read_text())["invocations"] if path.exists() else []
+    history.append({
+        "command": shlex.join(["bnbench", "experiment", *argv]),
+        "git": git_commit(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "wall_s": round(seconds, 1),
+        "jobs": [{"kind": o.job.kind, "run": o.job.run, "label": o.job.label,
+                  "status": o.status, "seconds": round(o.seconds, 1), "message": o.message}
+                 for o in outcomes],
+    })
+    data = {"name": exp.name, "scale": exp.scale, "spec": exp.spec, "scale_spec": exp.scale_spec,
+            "forwarded": list(exp.forwarded), "invocations": history}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def git_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+
+
+def main(argv: list[str]) -> int:
+    """The ``bnbench experiment`` command; returns the exit status."""
+    if not argv or argv[0].startswith("-"):
+        print("usage: bnbench experiment <paper>/<name> [scale=smoke|cpu|paper] [overrides]\n"
+              f"experiments: {', '.join(known())}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name, overrides = argv[0], argv[1:]
+    exp = load(name, overrides)
+    start = time.perf_counter()
+    outcomes = execute(exp)
+    record(exp, outcomes, argv, time.perf_counter() - start)
+    from bnbench.report import write_report
+
+    paths = write_report(exp)
+    bad = [o for o in outcomes if o.status in ("failed", "not run")]
+    for outcome in bad:
+        job = outcome.job
+        print(f"bnbench: {job.kind} {job.run}" + (f" / {job.label}" if job.kind == "eval" else "")
+              + f" {outcome.status}: {outcome.message}", file=sys.stderr)
+    print(f"experiment {name} ({exp.scale}): {len(outcomes) - len(bad)}/{len(outcomes)} jobs ok; "
+          f"runs in {exp.directory}; report {paths[0]}", flush=True)
+    return 1 if bad else 0

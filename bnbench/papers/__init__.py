@@ -1,0 +1,1 @@
+"""The papers' published numbers, as data (``<paper>.yaml``), cited by table and section."""

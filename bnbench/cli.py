@@ -2,15 +2,26 @@
 
 Overrides are composed and validated once *before* Hydra runs, so every bad input (unknown key
 or group option, wrong type, bad value, unwritable output dir) ends in one line
-``bnbench: error: …`` and exit status 2 instead of a traceback.
+``bnbench: error: …`` and exit status 2 instead of a traceback. Validation imports what it needs
+only (torch, the trainer and torch.distributed come after it), so that the line comes fast.
+
+Exit statuses: 0 done; 2 a ``bnbench: error:`` line said why; 130 interrupted (Ctrl-C: one
+``bnbench: interrupted`` line naming the last checkpoint and the command that resumes the run);
+141 the reader of the output went away (``bnbench train --help | head``), quietly; 1 a bug (a
+traceback).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import importlib
 import itertools
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -23,9 +34,16 @@ USAGE = """usage: bnbench <command> [args]
 commands:
   train [overrides]   train a model (Hydra app: -m for sweeps, --cfg job, --help)
                       e.g. bnbench train norm=gn trainer.epochs=3
+  eval run=DIR [...]  evaluate a run's checkpoint with chosen statistics (Hydra app, -m)
+  experiment P/NAME   run a paper's table or figure end to end [scale=smoke|cpu|paper]
+  report P/NAME       write an experiment's report beside the paper's numbers [scale=…]
   bench [options]     time each normalization layer against nn.BatchNorm2d
 
 Run 'bnbench train --help' for the config groups and keys."""
+
+#: Commands whose module's ``main(argv) -> int`` runs them.
+COMMANDS = {"eval": "bnbench.eval_app", "experiment": "bnbench.experiment",
+            "report": "bnbench.report"}
 
 #: Hydra flags that take a value (their value is not an override).
 _VALUE_FLAGS = {
@@ -43,12 +61,22 @@ _VALUE_FLAGS = {
 }
 #: Hydra flags that print something and exit, running no job: the overrides are not validated
 #: (help for a bad command line still helps) and no processes are launched.
-INFO_FLAGS = frozenset({"--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc"})
+INFO_FLAGS = frozenset({"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
+                        "--version"})
 #: ... and ``--cfg``/``-c``, which print the composed config (validated, but no job runs).
 PRINT_FLAGS = INFO_FLAGS | {"--cfg", "-c"}
 #: Config groups of train.yaml's defaults list that command lines used to append: ``+norm=X``
 #: (or ``++norm=X``) is read as ``norm=X``, the same job.
 _APPENDED_DEFAULTS = ("norm",)
+#: Set by :func:`bnbench.distributed.launch_local` in the processes it starts: the launcher's pid
+#: (they die with it, and leave reporting an interrupt to it).
+LAUNCHER_ENV = "BNBENCH_LAUNCHER_PID"
+#: Exit status of an interrupted run (128 + SIGINT), and of one whose output reader went away.
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+#: Override keys that :func:`resume_command` sets itself (or that start another kind of run).
+_NOT_RESUMED = ("hydra.run.dir", "trainer.resume", "hydra.sweep.dir", "hydra.sweep.subdir",
+                "hydra.mode", "cluster", "hydra/launcher")
 
 
 def fail(message: str) -> int:
@@ -137,13 +165,14 @@ def _run_keys(options: frozenset[str]) -> list[str]:
 
 
 def _unknown_key(key: str, job: Sequence[str]) -> str:
-    from bnbench import norm
-    from bnbench.config import NormConfig
-
-    name = None
     if key.startswith("norm.") and key.count(".") == 1:
+        from bnbench import norm  # (torch: only for the keys of a norm variant)
+        from bnbench.config import NormConfig
+
         name = _chosen_norm(job) or NormConfig.name
-    if name in norm.NORMS:  # the variant's own options, not every variant's
+    else:
+        name = norm = None
+    if norm is not None and name in norm.NORMS:  # the variant's own options, not every variant's
         options = norm.spec(name).options
         keys = [*sorted(options), *_run_keys(options)]
         return f"unknown key {key}; norm={name} takes: {', '.join(keys)}"
@@ -152,9 +181,14 @@ def _unknown_key(key: str, job: Sequence[str]) -> str:
 
 def describe(err: BaseException, job: Sequence[str] = ()) -> str:
     """One line for a Hydra/OmegaConf composition error (``job``: the overrides composed)."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigKeyError, ValidationError
 
+    if isinstance(err, OverrideParseException):  # the override's syntax
+        first = str(err.message).strip().splitlines()[0]
+        value = str(err.override).partition("=")[2]
+        hint = " (quote a value with spaces or '=': key='a b')" if re.search(r"[ =]", value) else ""
+        return f"{err.override}: {first}{hint}"
     if isinstance(err, MissingConfigException):
         group = (err.missing_cfg_file or "").split("/")[0]
         name = (err.missing_cfg_file or "").split("/")[-1]
@@ -232,16 +266,53 @@ def _given_dir(overrides: list[str], multirun: bool) -> str | None:
     return given[-1] if given else None
 
 
+_PSEUDO_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs",
+              "securityfs", "tracefs", "pstore", "bpf", "configfs", "efivarfs", "mqueue",
+              "hugetlbfs", "fusectl", "binfmt_misc", "autofs", "nsfs"}
+
+
+def _file_system(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (``/proc/self/mounts``), if known."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def _check_output_dir(overrides: list[str], multirun: bool) -> None:
+    """The output dir can be created: a real ``mkdir`` in its deepest existing ancestor (mode
+    bits say nothing for root or special file systems); an error names the real cause."""
     given = _given_dir(overrides, multirun)
     target = Path(given or ("multirun" if multirun else "outputs")).absolute()
     probe = target
     while not probe.exists():
         probe = probe.parent
-    try:  # a real write: permissions alone say nothing for root or special file systems
+    if not probe.is_dir():
+        raise BnbenchError(f"output dir {target}: {probe} is not a directory")
+    try:
         os.rmdir(tempfile.mkdtemp(prefix=".bnbench-probe-", dir=probe))
     except OSError as err:
-        raise BnbenchError(f"output dir {target}: not writable ({probe}: {err.strerror})") from err
+        kind = _file_system(probe)
+        why = os.strerror(err.errno) if err.errno else str(err)
+        if kind in _PSEUDO_FS:  # /proc answers ENOENT, /sys EPERM: neither is the cause
+            raise BnbenchError(
+                f"output dir {target}: {probe} is on a {kind} file system (the kernel's, not "
+                f"storage): directories cannot be created there ({why})") from err
+        if err.errno == errno.EROFS:
+            raise BnbenchError(f"output dir {target}: {probe} is on a read-only file system"
+                               ) from err
+        raise BnbenchError(f"output dir {target}: cannot create directories in {probe} ({why})"
+                           ) from err
 
 
 def validate_overrides(args: Sequence[str]) -> list:
@@ -260,6 +331,9 @@ def validate_overrides(args: Sequence[str]) -> list:
     cfgs = []
     with initialize_config_module("bnbench.configs", version_base="1.3"):
         try:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            OverridesParser.create().parse_overrides(overrides)  # hydra.* ones too: their syntax
             jobs = _jobs(overrides, multirun)
         except BnbenchError:
             raise
@@ -291,51 +365,208 @@ def check_fresh_run_dir(args: Sequence[str], cfgs: list) -> None:
                            "continues it, or choose another dir")
 
 
-def _train(args: list[str]) -> int:
-    from bnbench import distributed as D
-    from bnbench import hydra_app
+#: Hydra's commands: one at most (Hydra's ValueError traceback otherwise).
+_COMMANDS = {"--run": {"--run", "-r"}, "-m": {"-m", "--multirun"}, "--cfg": {"--cfg", "-c"},
+             "--info": {"--info", "-i"}, "--shell-completion": {"--shell-completion", "-sc"}}
 
+
+def _check_commands(args: Sequence[str]) -> None:
+    given = given_flags(args)
+    if given & {"--help", "-h", "--hydra-help", "--version"}:
+        return  # help comes first in Hydra
+    chosen = [name for name, spellings in _COMMANDS.items() if given & spellings]
+    if len(chosen) > 1:
+        raise BnbenchError(f"{' and '.join(chosen)}: choose one of --run, -m, --cfg, --info, "
+                           "--shell-completion")
+    if "--resolve" in given and "--cfg" not in chosen:
+        raise BnbenchError("--resolve: only with --cfg (or --help)")
+
+
+def _train(args: list[str]) -> int:
+    try:
+        _check_commands(args)
+    except BnbenchError as err:
+        return fail(str(err))
     if not given_flags(args) & INFO_FLAGS:
         try:
-            cfgs = validate_overrides(args)
+            cfgs = validate_overrides(args)  # before torch and the trainer are imported
             check_fresh_run_dir(args, cfgs)
             nprocs = {cfg.dist.nproc for cfg in cfgs}
             if len(nprocs) > 1:
                 raise BnbenchError("dist.nproc: every job of a sweep must use the same value")
             nproc = nprocs.pop()
+            from bnbench import distributed as D
+
             if D.should_launch(nproc, args):  # dist.nproc=N: N processes of this command
                 return D.launch_local(nproc, ["train", *canonical_args(args)])
         except BnbenchError as err:
             return fail(str(err))
+    from bnbench import distributed as D
+    from bnbench import hydra_app
+
     args = canonical_args(args)
     if D.launch_rank() > 0:
         # Other ranks of a torchrun job / srun step write no Hydra output (rank 0 owns the run dir).
         args = [*args, *D.worker_overrides(split_overrides(args)[1])]
+    if not given_flags(args) & PRINT_FLAGS and not isinstance(sys.stdout, _PipeSafe):
+        sys.stdout = _PipeSafe(sys.stdout)  # before Hydra's log handlers take sys.stdout
     sys.argv = ["bnbench train", *args]
     hydra_app.main()
     return 0
 
 
+# -- interrupts, broken pipes, launcher death -------------------------------------------------
+
+
+def resume_command(args: Sequence[str], run_dir: str | os.PathLike) -> str:
+    """The command line that resumes the run in ``run_dir`` that ``bnbench train <args>``
+    started (``args``: its overrides and flags; a sweep: the job's overrides)."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            kept.append(arg)
+            continue
+        if arg in _VALUE_FLAGS:
+            skip = True
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if arg in ("-m", "--multirun") or (not arg.startswith("-") and key in _NOT_RESUMED):
+            continue
+        kept.append(arg)
+    return shlex.join(["bnbench", "train", *kept, "trainer.resume=true",
+                       f"hydra.run.dir={run_dir}"])
+
+
+def interrupted_line(run_dir: str | os.PathLike | None, command: str | None,
+                     signum: int = signal.SIGINT) -> str:
+    """The one line that an interrupted run prints: where its last checkpoint is and how to
+    resume it (``run_dir`` ``None``: interrupted before the run dir existed)."""
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    if run_dir is None or command is None:
+        return f"bnbench: {what} before the run started"
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    if last.exists():
+        return f"bnbench: {what}; the last checkpoint is {last}; resume with: {command}"
+    return (f"bnbench: {what} before the first checkpoint of {run_dir}; start it again there "
+            f"with: {command}")
+
+
+def under_launcher() -> bool:
+    """A process that ``bnbench train dist.nproc=N`` started (the launcher reports for it)."""
+    return LAUNCHER_ENV in os.environ
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher() -> None:
+    """In a process that ``dist.nproc=N`` started: be killed (SIGKILL) when the launcher dies,
+    even by ``kill -9``, instead of training on as an orphan that writes the run dir.
+
+    The launcher (torchrun's agent, inside the ``bnbench`` process) is this process's parent;
+    Linux's ``PR_SET_PDEATHSIG`` delivers the signal when it exits. A launcher that died before
+    this call (its pid is gone): exit at once."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher or "TORCHELASTIC_RUN_ID" not in os.environ or sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the launcher's own teardown still applies
+        return
+    try:
+        os.kill(int(launcher), 0)
+    except ProcessLookupError:
+        os._exit(EXIT_INTERRUPTED)
+    except (OSError, ValueError):
+        pass
+
+
+class _PipeSafe:
+    """``sys.stdout`` of a training run: when its reader goes away (``bnbench train … | head``)
+    the output goes to ``/dev/null`` from then on and the run goes on (its log is in the run
+    dir), instead of a logging traceback per line and a failed run."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _lost(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # no file descriptor: drop the stream's writes instead
+            self._stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._lost()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._lost()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``bnbench train --help | head``): no traceback, no
+    second error when Python flushes stdout at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if args else 2
-    command, rest = args[0], args[1:]
-    # torch.compile's C++ toolchain check warns "No CUDA runtime is found" on CPU-only machines
-    # with a CUDA build of PyTorch: noise in every GhostBN/BRN/CBN run here.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    die_with_launcher()
+    printing = not args or args[0] in ("-h", "--help") or bool(given_flags(args[1:]) & (
+        PRINT_FLAGS if args[0] == "train" else {"-h", "--help"}))
+    if printing and argv is None and hasattr(signal, "SIGPIPE"):
+        # A command that only prints (help, --cfg): a closed pipe ends it as it ends `cat`.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
+        if not args or args[0] in ("-h", "--help"):
+            print(USAGE)
+            return 0 if args else 2
+        command, rest = args[0], args[1:]
+        # torch.compile's C++ toolchain check warns "No CUDA runtime is found" on CPU-only
+        # machines with a CUDA build of PyTorch: noise in every GhostBN/BRN/CBN run here.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         if command == "train":
             return _train(rest)
         if command == "bench":
             from bnbench.bench import main as bench_main
 
             return bench_main(rest)
+        if command in COMMANDS:
+            module = importlib.import_module(COMMANDS[command])
+            return module.main(rest)
     except BnbenchError as err:
         return fail(str(err))
-    return fail(f"unknown command {command!r}; choose one of train, bench")
+    except KeyboardInterrupt:  # outside a job (validation, start-up): nothing to resume
+        if not under_launcher() and os.environ.get("RANK", "0") == "0":
+            print(interrupted_line(None, None), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    return fail(f"unknown command {command!r}; choose one of train, eval, experiment, report, "
+                "bench")
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # a pipe closed after the last write fails here, not at exit
+    except BrokenPipeError:
+        code = _quiet_broken_pipe()
+    sys.exit(code)

@@ -151,6 +151,7 @@ class DistConfig:
     backend: str = "auto"  # auto | gloo | nccl
     ema_sync: str = "average"  # average | broadcast
     shuffle_bn: bool = False
+    timeout_s: Optional[float] = None  # a stuck collective fails after this (null: env, else 240)
 
 
 @dataclass
@@ -200,7 +201,7 @@ RANGES: dict[str, str] = {
     "trainer.threads": _NON_NEGATIVE, "trainer.max_iters": _NON_NEGATIVE,
     "precise.num_samples": _POSITIVE, "precise.batch_size": _POSITIVE,
     "eval.every": _POSITIVE, "eval.batch_size": _POSITIVE,
-    "dist.nproc": _POSITIVE,
+    "dist.nproc": _POSITIVE, "dist.timeout_s": _POSITIVE,
 }
 
 
@@ -248,8 +249,6 @@ def layer_options(cfg: Any, plan: BatchPlan, iters_per_epoch: int) -> dict[str, 
 
 def validate(cfg: DictConfig) -> None:
     """Value checks that the schema's types cannot express; raises :class:`BnbenchError`."""
-    from bnbench import norm as norms
-
     groups = [f.name for f in fields(TrainConfig)]
     extra = [k for k in cfg if k not in groups and k != "hydra"]
     if extra:  # `+typo=…` adds a key that the schema's struct mode cannot refuse
@@ -273,6 +272,8 @@ def validate(cfg: DictConfig) -> None:
     if freeze is not None and not 0 <= freeze <= cfg.trainer.epochs:
         raise BnbenchError(f"norm.freeze_at_epoch={freeze}: must be in [0, trainer.epochs]")
     _choice("norm.freeze_stats", cfg.norm.freeze_stats, ("precise", "ema"))
+    from bnbench import norm as norms  # torch: only for the layers' own checks, after the rest
+
     plan = batch_plan(cfg, expected_processes(cfg.dist.nproc))
     options = norms.check_options(cfg.norm.name, layer_options(cfg, plan, iters_per_epoch=1))
     entry = norms.spec(cfg.norm.name)

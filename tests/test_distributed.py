@@ -632,7 +632,7 @@ def test_failing_rank_ends_the_torchrun_job(tmp_path, cache):
     # every rank exited non-zero (torchrun lists each failed process: error, or its SIGTERM)
     assert set(re.findall(r"rank\s*: (\d+) \(local_rank", out.stderr)) == {"0", "1"}, out.stderr
     # the survivor, if it noticed before torchrun stopped it, says why in one line
-    assert all("another process failed" in line for line in errors[1:]), errors
+    assert all("rank 1 failed or stopped answering" in line for line in errors[1:]), errors
     assert "[rank0]: Traceback" not in out.stderr
 
 
@@ -713,3 +713,179 @@ def test_slurm_cfg_job_on_the_command_line(tmp_path, cache):
     out = bnbench("train", "+cluster=slurm", "--cfg", "job", cwd=tmp_path, cache=cache)
     _ok(out)
     assert "resume: true" in out.stdout and not list(tmp_path.iterdir())
+
+
+# -- a dist.nproc job as a whole: Ctrl-C, a stalled rank, a killed launcher ---------------------
+
+
+def _child_pids(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    kids = []
+    for task in tasks.iterdir() if tasks.exists() else []:
+        with contextlib.suppress(OSError):
+            kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+def _rank_pids(launcher: int, world: int = 2, timeout: float = 120) -> dict[int, int]:
+    """``rank → pid`` of the processes that the ``dist.nproc`` launcher ``launcher`` started."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ranks = {}
+        for pid in _child_pids(launcher):
+            with contextlib.suppress(OSError):
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                found = [e[5:] for e in env if e.startswith(b"RANK=")]
+                if found:
+                    ranks[int(found[0])] = pid
+        if len(ranks) == world:
+            return ranks
+        time.sleep(0.05)
+    raise AssertionError(f"the launcher {launcher} did not start {world} ranks")
+
+
+def _alive(pid: int) -> bool:
+    """Running, stopped or sleeping; not gone and not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def _launch(cwd: Path, cache: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``bnbench train dist.nproc=2 <TINY> <args>`` in a session of its own, stderr piped."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TORCHELASTIC_", "SUBMITIT_"))}
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnbench", "train", "dist.nproc=2", *TINY,
+         f"trainer.batch_size={B}", *args],
+        cwd=cwd,
+        env={**base, "BNBENCH_CACHE": str(cache), **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@contextlib.contextmanager
+def _job_cleanup(proc: subprocess.Popen):
+    """Whatever the test saw: nothing of the job outlives it (SIGCONT for a stopped rank)."""
+    pids: list[int] = []
+    try:
+        yield pids
+    finally:
+        for pid in [proc.pid, *pids]:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, sig)
+        with contextlib.suppress(Exception):
+            proc.communicate(timeout=30)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} never appeared (exit {proc.poll()})"
+
+
+def _bnbench_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("bnbench:")]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_with_one_line(tmp_path, cache):
+    """Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it): every rank stops,
+    the job prints ONE line (not one per rank) naming the checkpoint and the resume command, 130."""
+    proc = _launch(tmp_path, cache, "trainer.epochs=100", "hydra.run.dir=run")
+    with _job_cleanup(proc) as pids:
+        pids += _rank_pids(proc.pid).values()
+        _wait_for(tmp_path / "run" / "checkpoints" / "last.pt", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err, err
+        (line,) = _bnbench_lines(err)
+        run = tmp_path / "run"
+        assert line.startswith(f"bnbench: interrupted; the last checkpoint is {run}/checkpoints/"
+                               "last.pt; resume with: bnbench train dist.nproc=2 "), err
+        assert line.endswith(f" trainer.resume=true hydra.run.dir={run}"), line
+        assert not [pid for pid in pids if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_killed_launcher_takes_its_ranks_along(tmp_path, cache):
+    """kill -9 of the ``dist.nproc`` launcher: its ranks die with it (they trained on and wrote
+    the run dir before) and the run dir stops changing."""
+    proc = _launch(tmp_path, cache, "trainer.epochs=100", "hydra.run.dir=run")
+    with _job_cleanup(proc) as pids:
+        pids += _rank_pids(proc.pid).values()
+        run = tmp_path / "run"
+        _wait_for(run / "checkpoints" / "last.pt", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.time() + 5
+        while [pid for pid in pids if _alive(pid)] and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pids if _alive(pid)], "ranks outlived their launcher"
+
+        def state() -> dict:
+            return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*")
+                    if p.is_file()}
+
+        before = state()
+        time.sleep(1.5)  # one epoch of this run takes less
+        assert state() == before
+
+
+@pytest.mark.slow
+def test_stalled_rank_ends_the_run_within_the_timeout(tmp_path, cache):
+    """A rank stopped (SIGSTOP) in the middle of training: the collective waiting for it fails
+    after BNBENCH_DIST_TIMEOUT_S, one line names both ranks, the job ends (it hung for 1800 s)."""
+    limit = 10
+    proc = _launch(tmp_path, cache, "trainer.epochs=100", "hydra.run.dir=run",
+                   env={D.TIMEOUT_ENV: str(limit)})
+    with _job_cleanup(proc) as pids:
+        ranks = _rank_pids(proc.pid)
+        pids += ranks.values()
+        _wait_for(tmp_path / "run" / "checkpoints" / "last.pt", proc)
+        os.kill(ranks[1], signal.SIGSTOP)
+        start = time.time()
+        _, err = proc.communicate(timeout=limit + 60)
+        took = time.time() - start
+        assert proc.returncode == 2, err
+        assert took < limit + 15, f"the job ended {took:.0f} s after the stall"
+        assert "Traceback" not in err, err
+        (line,) = _bnbench_lines(err)
+        assert line.startswith(f"bnbench: error: rank 0/2: timed out after {limit} s waiting for "
+                               "rank 1 in a collective operation: it stopped or hung"), line
+        assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_collective_timeout_default_and_knob(monkeypatch):
+    monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
+    assert D.timeout_s() + 30 <= 300  # a stalled rank ends the run within 5 minutes
+    monkeypatch.setenv(D.TIMEOUT_ENV, "3600")
+    assert D.timeout_s() == 3600.0
+    for bad in ("0", "-5", "soon", "inf"):
+        monkeypatch.setenv(D.TIMEOUT_ENV, bad)
+        with pytest.raises(BnbenchError, match=f"{D.TIMEOUT_ENV}={bad}: must be a positive"):
+            D.timeout_s()
+
+
+def test_roll_call_names_the_ranks_that_do_not_answer():
+    """After a failed collective the ranks still running answer; the others are named."""
+    import threading
+
+    store = torch.distributed.HashStore()
+    store.set("p/2", "1")  # rank 2 answered already; rank 1 answers late, rank 3 never
+    late = threading.Timer(0.2, store.set, ("p/1", "1"))
+    late.start()
+    start = time.monotonic()
+    assert D.roll_call(store, "p/", 0, 4, wait=1.0) == [3]
+    assert time.monotonic() - start >= 0.9  # waited for rank 3 until the end
+    late.join()
+    assert D.roll_call(store, "p/", 3, 4, wait=0.0) == []  # everyone answered

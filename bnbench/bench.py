@@ -1,38 +1,38 @@
-"""``bnbench bench``: cost of each normalization variant relative to ``torch.nn.BatchNorm2d``.
+"""``bnbench bench``: the cost of each normalization variant relative to ``torch.nn.BatchNorm2d``.
 
-Two measurements per variant, both as ratios to the same measurement with plain
-``torch.nn.BatchNorm2d`` in training mode, taken in one run:
+Measured in one run, each as the ratio of the variant's median time to the baseline's:
 
 * **layer**: forward + backward of the lone layer (``y = layer(x); y.backward(g)``, ``x`` a leaf
-  that requires grad) on inputs of ``--layer-shape``. CBN layers need their conv: every layer is
-  built as ``convert(nn.Sequential(conv, nn.BatchNorm2d(C)), name)`` and, for CBN, the conv runs
-  (untimed, without grad) before each timed iteration so that the layer sees its conv's input;
-  the baseline gets the same untimed conv call.
-* **step**: one full training step of a ResNet (forward, cross-entropy, backward, SGD step with
-  momentum) with the variant converted in, against the same model (same initialization) with
-  ``nn.BatchNorm2d``.
+  requiring grad) on each ``--layer-shape``, against ``nn.BatchNorm2d`` in training mode. Layers
+  are made as ``convert(nn.Sequential(conv, nn.BatchNorm2d(C)), name)`` (CBN needs its conv); the
+  conv does not run: each timed iteration clears the gradients and replays the conv's forward
+  hooks (through which CBN records the conv's input), on both sides.
+* **step**: one ResNet training step (forward, cross-entropy, backward, SGD with momentum) with
+  the variant converted in, against the same model (same init, same batch) with BN.
+* **first step**: per run a fresh ``python -c`` process builds the model as training does
+  (``bnbench.models.build_model``) and times its first training step, so lazy imports,
+  allocations and first-call setup show; also its time from process start to the end of that
+  step. Against the same with plain ``nn.BatchNorm2d``.
+* **PreciseBN**: ``update_population_stats`` over ``--precise-samples`` samples in batches of
+  ``--precise-batch`` (the step's model, bnbench's BN), against a no-grad eval forward over the
+  same batches.
 
-Timing is robust to a noisy machine: baseline and variant alternate (A B, B A, A B, …, so linear
-drift cancels), each timed segment runs enough iterations to last ``--min-time``, the garbage
-collector is off while timing, and the reported ratio is the median over ``--repeats`` of the
-per-segment ratios, with their interquartile range. On CUDA, segments are timed with CUDA
-events around each iteration (untimed preparation between them excluded).
+Timing is ``torch.utils.benchmark``: ``Timer.blocked_autorange(min_run_time=--min-time)`` runs
+``--repeats`` times per side, alternating (A B, B A, …, so slow drift falls on both sides), and
+each side's Measurements are merged (``Measurement.merge``). A ratio is marked † when a side's
+Measurement warns that its IQR is large for its median. First-step Measurements hold one time
+per process (``--first-step-repeats`` per side).
 
-Memory: on CUDA, the peak allocation of one iteration above what was allocated before it
-(``torch.cuda.max_memory_allocated`` delta: output, saved activations, gradients, workspaces).
-On CPU (no allocator statistics), the bytes autograd saves for backward
-(``torch.autograd.graph.saved_tensors_hooks``; unique storages, parameters and buffers excluded)
-plus the output: the activation memory the variant keeps alive between forward and backward.
+Memory: on CUDA, the peak allocation of one iteration above what was allocated before it; on CPU,
+the bytes autograd saves for backward (unique storages, parameters and buffers excluded) plus the
+output. Cost references ``cbn_floor`` and ``cbn_official_jac`` (step only): the BN model plus only
+the Jacobian work of an exact CBN (one weight-gradient conv per conv, the notes' method) or of the
+official code (two ``autograd.grad`` passes per conv).
 
-Cost references (rows ``cbn_floor``, ``cbn_official_jac``; step only): the BN model plus only
-the Jacobian work of an exact CBN — one weight-gradient convolution per conv (the least the
-notes' method needs), or the official code's two ``torch.autograd.grad`` passes per conv — to
-put CBN's step beside what its Jacobians alone cost.
-
-Variant states are the interesting ones: BRN past its warm-up with r_max/d_max at their final
-values (corrections active); CBN/naive CBN past burn-in with a full window; SyncBN with a real
-single-process gloo group (the layer's group checks run; with one process it must cost no more
-than BN); domain BN with two domains (domain 0).
+States: the baseline's BN layers get a large ``num_batches_tracked``, which ``convert`` copies, so
+BRN runs past its warm-up (r_max/d_max at their final values) and CBN past burn-in, its window
+full after ``--warmup`` untimed iterations. SyncBN runs in a one-process gloo group; domain BN
+with two domains (domain 0). First-step processes build fresh models (iteration 0).
 """
 
 from __future__ import annotations
@@ -41,27 +41,32 @@ import argparse
 import contextlib
 import copy
 import datetime as _dt
-import gc
 import json
+import logging
 import math
 import os
-import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnbench.errors import BnbenchError
+from bnbench.errors import BnbenchError, check_positive
+
+# torch.utils.benchmark imports cpp_extension, which warns "No CUDA runtime is found" on CPU-only
+# machines with a CUDA build of PyTorch.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import benchmark  # noqa: E402
 
 #: Default options per registry name (the configs' defaults where they exist).
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -72,20 +77,10 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "domain": {"num_domains": 2},
 }
 #: The default variant list (``name`` or ``name:key=value:…``), in table order.
-DEFAULT_VARIANTS = ("bn", "ghost", "ghost:nbs=2", "ghost:kernel=eager", "syncbn", "frozen",
-                    "batch_eval", "brn", "brn:kernel=eager", "gn", "ln", "in", "cbn",
-                    "cbn:jacobian_dtype=bfloat16", "cbn:kernel=eager", "naive_cbn", "cbn_floor",
+DEFAULT_VARIANTS = ("bn", "ghost", "ghost:nbs=2", "syncbn", "frozen", "batch_eval", "brn", "gn",
+                    "ln", "in", "cbn", "cbn:jacobian_dtype=bfloat16", "naive_cbn", "cbn_floor",
                     "cbn_official_jac", "domain")
-#: The issue's targets: (measurement, largest ratio).
-TARGETS: dict[str, tuple[str, float]] = {
-    "ghost": ("layer", 1.2),
-    "frozen": ("layer", 1.0),
-    "syncbn": ("layer", 1.1),
-    "brn": ("layer", 1.5),
-    "cbn": ("step", 1.3),
-}
-#: Cost references for CBN (step only): the BN model plus the Jacobian work of an exact CBN
-#: and nothing else (no statistics are changed: the rows time work, they are not layers).
+#: Cost references for CBN (step only): the BN model plus the Jacobian work of an exact CBN.
 REFERENCES = {
     "cbn_floor": "cost reference: BN + one weight-gradient conv per conv (∂σ²/∂W, the notes' "
                  "method): the least extra work of an exact CBN",
@@ -97,11 +92,20 @@ NOTES = {
     "batch_eval": "training = bn (differs at inference only)",
     "domain": "domain 0 of 2",
 }
+BASELINE = "nn.BatchNorm2d"
+#: ``num_batches_tracked`` given to the baseline before ``convert``: past BRN's schedules.
+PAST_SCHEDULES = 1_000_000
 
 FULL = {"layer_shapes": [(64, 64, 16, 16), (32, 256, 8, 8), (64, 128, 4, 4)], "model_width": 0.25,
-        "model_batch": 64, "image_size": 16, "repeats": 21, "warmup": 5, "min_time": 0.03}
+        "model_batch": 64, "image_size": 16, "repeats": 6, "warmup": 5, "min_time": 0.2,
+        "first_step_repeats": 3, "precise_samples": 4096, "precise_batch": 64}
 QUICK = {"layer_shapes": [(16, 16, 8, 8)], "model_width": 0.125, "model_batch": 16,
-         "image_size": 8, "repeats": 5, "warmup": 2, "min_time": 0.003}
+         "image_size": 8, "repeats": 2, "warmup": 1, "min_time": 0.01, "first_step_repeats": 1,
+         "precise_samples": 64, "precise_batch": 16}
+#: Flags whose values must be positive: (dest, integer).
+POSITIVE = {"threads": True, "model_width": False, "model_batch": True, "image_size": True,
+            "num_classes": True, "repeats": True, "min_time": False, "first_step_repeats": True,
+            "precise_samples": True, "precise_batch": True}
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -112,11 +116,6 @@ class _ArgError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
         raise _ArgError(message)
-
-    def exit(self, status: int = 0, message: str | None = None):
-        if message:
-            print(message, file=sys.stderr, end="")
-        raise SystemExit(status)
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:
@@ -129,42 +128,20 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     return dims  # type: ignore[return-value]
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a positive {kind.__name__}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a non-negative integer")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bnbench bench",
-        description="Forward+backward time and memory of each normalization variant relative to "
-        "torch.nn.BatchNorm2d: as a lone layer and in a ResNet training step.",
+        description="Time (and memory) of each normalization variant relative to "
+        "torch.nn.BatchNorm2d: lone layer, ResNet training step, first step in a fresh process, "
+        "PreciseBN. Timing by torch.utils.benchmark.",
         epilog="Exit status: 0 when every measurement ran, 1 when some failed (the table "
         "still shows the others), 2 for bad arguments.",
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=_positive(int), default=None,
-                   help="torch.set_num_threads (default: leave as is)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default): cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, also of the timers and the first-step processes "
+                   "(default: as is; 1 with --quick)")
     p.add_argument("--variants", default=None,
                    help="comma list of NAME or NAME:key=value[:key=value] (registry names; "
                    f"default: {','.join(DEFAULT_VARIANTS)})")
@@ -172,33 +149,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lone-layer input shape; repeat for several (default: 64,64,16,16, "
                    "32,256,8,8 and 64,128,4,4)")
     p.add_argument("--model-arch", default="resnet18", help="ResNet of the step (resnet18)")
-    p.add_argument("--model-width", type=_positive(float), default=None,
+    p.add_argument("--model-width", type=float, default=None,
                    help="width multiplier (default 0.25: the CPU-scale training run)")
-    p.add_argument("--model-batch", type=_positive(int), default=None, help="default 64")
-    p.add_argument("--image-size", type=_positive(int), default=None,
+    p.add_argument("--model-batch", type=int, default=None, help="default 64")
+    p.add_argument("--image-size", type=int, default=None,
                    help="input resolution in pixels (default 16)")
     p.add_argument("--stem", choices=("small", "imagenet"), default="small",
                    help="small-input stem (3x3, no max-pool; default) or torchvision's")
-    p.add_argument("--num-classes", type=_positive(int), default=15)
-    p.add_argument("--repeats", type=_positive(int), default=None,
-                   help="timed segment pairs per measurement (default 21)")
-    p.add_argument("--warmup", type=_non_negative_int, default=None,
+    p.add_argument("--num-classes", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="blocked_autorange calls per side, interleaved (default 6)")
+    p.add_argument("--warmup", type=int, default=None,
                    help="untimed iterations of each side first (default 5)")
-    p.add_argument("--min-time", type=_positive(float), default=None,
-                   help="seconds each timed segment lasts at least (default 0.03)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="min_run_time of each blocked_autorange call, seconds (default 0.2)")
+    p.add_argument("--first-step-repeats", type=int, default=None,
+                   help="fresh processes per side for the first step (default 3)")
+    p.add_argument("--precise-samples", type=int, default=None, help="PreciseBN N (4096)")
+    p.add_argument("--precise-batch", type=int, default=None, help="PreciseBN B (64)")
     p.add_argument("--no-layer", action="store_true", help="skip the lone-layer measurements")
     p.add_argument("--no-model", action="store_true", help="skip the training-step measurements")
-    p.add_argument("--quick", action="store_true",
-                   help="seconds-long smoke run (tiny shapes, few repeats)")
+    p.add_argument("--no-first-step", action="store_true", help="skip the fresh-process rows")
+    p.add_argument("--no-precise", action="store_true", help="skip the PreciseBN measurement")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, few repeats")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write the settings, environment and every number to PATH (JSON)")
     p.add_argument("--out", default=None, metavar="PREFIX",
-                   help="write PREFIX.md (table, command, environment) and PREFIX.json")
+                   help="write PREFIX.md (the printed report) and PREFIX.json")
     return p
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults (``--quick``'s or the full run's) and check the values."""
+    defaults = QUICK if args.quick else FULL
+    if args.layer_shape is None:
+        args.layer_shape = list(defaults["layer_shapes"])
+    for key, value in defaults.items():
+        if getattr(args, key, "") is None:
+            setattr(args, key, value)
+    if args.threads is None and args.quick:
+        args.threads = 1  # a smoke run must not fight other processes with a thread pool
+    for key, integer in POSITIVE.items():
+        check_positive("--" + key.replace("_", "-"), getattr(args, key), integer=integer,
+                       allow_none=True)
+    if args.warmup < 0:
+        raise BnbenchError(f"--warmup={args.warmup}: must be a non-negative integer")
+    if args.no_layer and args.no_model and args.no_first_step and args.no_precise:
+        raise BnbenchError("--no-layer, --no-model, --no-first-step and --no-precise: "
+                           "nothing to measure")
+    from bnbench.models.resnet import ARCHS
+
+    if args.model_arch not in ARCHS:
+        raise BnbenchError(f"--model-arch {args.model_arch}: choose one of {', '.join(ARCHS)}")
+    return args
 
 
 @dataclass
 class Variant:
-    """One row: a registry name and its options."""
+    """One row: a registry name (or a cost reference) and its options."""
 
     spec: str
     name: str
@@ -225,24 +234,17 @@ def _value(text: str) -> Any:
 def parse_variants(text: str | None) -> list[Variant]:
     from bnbench import norm
 
-    if text is None:  # the defaults that this checkout's registry has
-        known = {*norm.NORMS, *REFERENCES}
-        items = [v for v in DEFAULT_VARIANTS if v.split(":")[0] in known]
-        missing = [v for v in DEFAULT_VARIANTS if v.split(":")[0] not in known]
-        if missing:
-            _log(f"bnbench bench: skipping {', '.join(missing)}: not in the registry")
-    else:
-        items = [s.strip() for s in text.split(",")]
+    items = DEFAULT_VARIANTS if text is None else [s.strip() for s in text.split(",")]
     variants = []
     for item in items:
         if not item:
             raise BnbenchError(f"--variants {text!r}: empty variant name")
         name, *pairs = item.split(":")
-        if name in REFERENCES and not pairs:
+        if name in REFERENCES:
+            if pairs:
+                raise BnbenchError(f"--variants: {item!r}: {name} takes no options")
             variants.append(Variant(item, name, {}))
             continue
-        if name in REFERENCES:
-            raise BnbenchError(f"--variants: {item!r}: {name} takes no options")
         if name not in norm.NORMS:
             raise BnbenchError(f"--variants: unknown variant {name!r}; choose from "
                                f"{', '.join([*norm.NORMS, *REFERENCES])}")
@@ -252,107 +254,60 @@ def parse_variants(text: str | None) -> list[Variant]:
             if not sep or not key:
                 raise BnbenchError(f"--variants: {item!r}: options are key=value")
             options[key] = _value(value)
-        norm.check_options(name, options)  # unknown option → BnbenchError
+        norm.check_options(name, options)  # an option the variant does not take: BnbenchError
         variants.append(Variant(item, name, options))
+    labels = [v.label for v in variants]
+    for v in variants:
+        if labels.count(v.label) > 1:
+            raise BnbenchError(f"--variants: {v.label} is listed more than once")
     return variants
 
 
-# -- measurement primitives -------------------------------------------------------------------
+# -- timing -------------------------------------------------------------------------------------
+def time_pair(base: Callable[[], Any], var: Callable[[], Any], *, label: str, description: str,
+              variant: str, repeats: int, min_time: float, threads: int,
+              baseline: str = BASELINE, timer: Callable[..., Any] = benchmark.Timer,
+              ) -> tuple[benchmark.Measurement, benchmark.Measurement]:
+    """Merged Measurements of ``base`` and ``var``: ``repeats`` interleaved
+    ``blocked_autorange(min_run_time=min_time)`` calls per side (A B, B A, …)."""
+    timers = [timer(stmt="run()", globals={"run": fn}, label=label, sub_label=name,
+                    description=description, num_threads=threads)
+              for fn, name in ((base, baseline), (var, variant))]
+    runs: tuple[list, list] = ([], [])
+    for r in range(repeats):
+        for side in (0, 1) if r % 2 == 0 else (1, 0):
+            runs[side].append(timers[side].blocked_autorange(min_run_time=min_time))
+    (b,), (v,) = benchmark.Measurement.merge(runs[0]), benchmark.Measurement.merge(runs[1])
+    return b, v
+
+
+def ratio(base: benchmark.Measurement, var: benchmark.Measurement) -> dict[str, Any]:
+    """The variant's median over the baseline's, with both medians and IQRs (ms)."""
+    return {
+        "ratio": var.median / base.median,
+        "base_ms": base.median * 1e3,
+        "var_ms": var.median * 1e3,
+        "base_iqr_ms": base.iqr * 1e3,
+        "var_iqr_ms": var.iqr * 1e3,
+        "runs": [len(base.times), len(var.times)],
+        "noisy": base.has_warnings or var.has_warnings,
+    }
+
+
+# -- memory -------------------------------------------------------------------------------------
 @dataclass
 class Case:
-    """One side of a comparison: ``run()`` = ``finish(forward())``, after an untimed
-    ``prepare()``; ``persistent`` are the tensors (parameters, buffers) memory excludes."""
+    """One side of a comparison: an iteration is ``prepare()`` then ``finish(forward())``;
+    ``persistent`` are the tensors (parameters, buffers) the memory measure leaves out."""
 
     prepare: Callable[[], None]
     forward: Callable[[], Tensor]
     finish: Callable[[Tensor], None]
     persistent: list[Tensor] = field(default_factory=list)
 
-    def run(self) -> None:
-        self.finish(self.forward())
-
     def iteration(self) -> None:
         self.prepare()
-        self.run()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_segment(case: Case, iters: int, device: torch.device) -> float:
-    """Seconds spent in ``iters`` runs of ``case`` (preparation excluded)."""
-    if device.type == "cuda":
-        events = []
-        for _ in range(iters):
-            case.prepare()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            case.run()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize(device)
-        return sum(s.elapsed_time(e) for s, e in events) / 1e3
-    total = 0.0
-    for _ in range(iters):
-        case.prepare()
-        t0 = time.perf_counter()
-        case.run()
-        total += time.perf_counter() - t0
-    return total
-
-
-@contextlib.contextmanager
-def _gc_off() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
-def compare_time(base: Case, var: Case, *, repeats: int, warmup: int, min_time: float,
-                 device: torch.device) -> dict[str, Any]:
-    """Interleaved timing of ``var`` against ``base``: median ratio over ``repeats`` pairs."""
-    for _ in range(warmup):
-        base.iteration()
-        var.iteration()
-    _sync(device)
-    with _gc_off():
-        probe = min(time_segment(base, 1, device) for _ in range(3))
-        iters = max(1, min(10_000, math.ceil(min_time / max(probe, 1e-7))))
-        t_base, t_var = [], []
-        for r in range(repeats):
-            if r % 2 == 0:
-                t_base.append(time_segment(base, iters, device))
-                t_var.append(time_segment(var, iters, device))
-            else:
-                t_var.append(time_segment(var, iters, device))
-                t_base.append(time_segment(base, iters, device))
-    ratios = [v / b for v, b in zip(t_var, t_base)]
-    q1, q3 = _quartiles(ratios)
-    return {
-        "ratio": statistics.median(ratios),
-        "ratio_q1": q1,
-        "ratio_q3": q3,
-        "ratio_of_min": min(t_var) / min(t_base),
-        "base_ms": statistics.median(t_base) / iters * 1e3,
-        "var_ms": statistics.median(t_var) / iters * 1e3,
-        "iters": iters,
-        "repeats": repeats,
-        "ratios": ratios,
-    }
+        self.finish(self.forward())
 
 
 def saved_bytes(case: Case) -> int:
@@ -361,20 +316,16 @@ def saved_bytes(case: Case) -> int:
     exclude = {t.untyped_storage().data_ptr() for t in case.persistent}
     storages: dict[int, int] = {}
 
-    def note(t: Tensor) -> None:
-        if not isinstance(t, Tensor) or t.layout != torch.strided:
-            return
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr and ptr not in exclude:
-            storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
-
-    def pack(t: Tensor) -> Tensor:
-        note(t)
+    def note(t: Tensor) -> Tensor:
+        if isinstance(t, Tensor) and t.layout == torch.strided:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr and ptr not in exclude:
+                storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
         return t
 
     case.prepare()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
         out = case.forward()
     note(out)
     case.finish(out)
@@ -387,60 +338,26 @@ def peak_bytes(case: Case, device: torch.device) -> int:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    case.run()
+    case.finish(case.forward())
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
 def compare_memory(base: Case, var: Case, device: torch.device) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    b, v = saved_bytes(base), saved_bytes(var)
-    out.update(saved_base=b, saved_var=v)
-    if device.type == "cuda":
-        pb, pv = peak_bytes(base, device), peak_bytes(var, device)
-        out.update(peak_base=pb, peak_var=pv)
-        b, v = pb, pv
-    out["mem_base"], out["mem_var"] = b, v
-    out["mem_ratio"] = v / b if b else float("nan")
-    return out
+    measure = partial(peak_bytes, device=device) if device.type == "cuda" else saved_bytes
+    b, v = measure(base), measure(var)
+    return {"mem_base": b, "mem_var": v, "mem_ratio": v / b if b else float("nan")}
+
+
+MEMORY_MEANING = {
+    "cpu": "bytes autograd saves for backward (unique storages; parameters and buffers "
+           "excluded) plus the output, per forward (CPU has no allocator statistics)",
+    "cuda": "peak CUDA allocation during one iteration above what was allocated before it "
+            "(torch.cuda.max_memory_allocated delta)",
+}
 
 
 # -- variant setup ------------------------------------------------------------------------------
-def _brn_layers(module: nn.Module) -> list[nn.Module]:
-    from bnbench.norm.brn import BatchRenorm2d
-
-    return [m for m in module.modules() if isinstance(m, BatchRenorm2d)]
-
-
-def _cbn_layers(module: nn.Module) -> list[nn.Module]:
-    try:
-        from bnbench.norm.cbn import CrossIterationBatchNorm2d
-    except ImportError:  # CBN not in this checkout: no layer is one
-        return []
-    return [m for m in module.modules() if isinstance(m, CrossIterationBatchNorm2d)]
-
-
-def prime(module: nn.Module) -> None:
-    """Put stateful variants where their extra work is active: BRN past its schedules."""
-    for m in _brn_layers(module):
-        end = max(m.warmup_iters, m.rmax_iters, m.dmax_iters) * m.schedule_scale
-        m.num_batches_tracked.fill_(int(math.ceil(end)) + 1)
-
-
-def state_note(module: nn.Module) -> str:
-    """What state the variant's layers were measured in (checked after the measurement)."""
-    notes = []
-    brn = _brn_layers(module)
-    if brn:
-        limits = {m.limits() for m in brn}
-        notes.append("r_max,d_max=" + ";".join(f"{r:g},{d:g}" for r, d in sorted(limits)))
-    cbn = _cbn_layers(module)
-    if cbn:
-        full = sum(m.history_length() == m.window - 1 for m in cbn)
-        notes.append(f"window full in {full}/{len(cbn)} layers")
-    return ", ".join(notes)
-
-
 def convert_variant(module: nn.Module, variant: Variant) -> nn.Module:
     from bnbench import norm
 
@@ -456,10 +373,11 @@ def with_jacobian_work(model: nn.Module, kind: str) -> nn.Module:
     ``μ = E[y]`` and ``ν = E[y²]`` w.r.t. the conv weight (``grad_outputs`` = ones)."""
     from torch.nn.grad import conv2d_weight
 
-    from bnbench.norm.cbn import padded_input
-
     def floor(conv: nn.Conv2d, args: tuple, y: Tensor) -> None:
-        x, padding = padded_input(conv, args[0])
+        x, padding = args[0], conv.padding
+        if isinstance(padding, str) or conv.padding_mode != "zeros":  # pad as the conv does
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
         with torch.no_grad():
             conv2d_weight(x, conv.weight.shape, y, conv.stride, padding, conv.dilation,
                           conv.groups)
@@ -478,48 +396,67 @@ def with_jacobian_work(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
+def state_note(module: nn.Module) -> str:
+    """The state the variant's layers were measured in (read after the measurement)."""
+    from bnbench.norm.brn import BatchRenorm2d
+    from bnbench.norm.cbn import CrossIterationBatchNorm2d
+
+    notes = []
+    with contextlib.suppress(AttributeError, TypeError):
+        limits = {m.limits() for m in module.modules() if isinstance(m, BatchRenorm2d)}
+        if limits:
+            notes.append("r_max,d_max=" + ";".join(f"{r:g},{d:g}" for r, d in sorted(limits)))
+    with contextlib.suppress(AttributeError, TypeError):
+        cbn = [m for m in module.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+        if cbn:
+            full = sum(m.history_length() == m.window - 1 for m in cbn)
+            notes.append(f"window full in {full}/{len(cbn)} layers")
+    return ", ".join(notes)
 
 
 def _persistent(module: nn.Module) -> list[Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
+def _past_schedules(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked.fill_(PAST_SCHEDULES)
+
+
 def layer_cases(variant: Variant, shape: tuple[int, int, int, int], device: torch.device,
                 seed: int) -> tuple[Case, Case, nn.Module]:
     """Baseline and variant lone-layer cases on the same input (a conv+norm pair each)."""
-    n, c, h, w = shape
     torch.manual_seed(seed)
-    pair = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)).to(device)
-    base_pair = pair.train()
+    c = shape[1]
+    pair = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+    pair = pair.to(device).train()
+    _past_schedules(pair)
     var_pair = convert_variant(copy.deepcopy(pair), variant).to(device).train()
-    prime(var_pair)
     x = torch.randn(shape, device=device, requires_grad=True)
-    grad = torch.randn(shape, device=device)
-    conv_in = torch.randn(shape, device=device)
-    needs_conv = bool(_cbn_layers(var_pair))
+    grad, conv_in = torch.randn(shape, device=device), torch.randn(shape, device=device)
 
     def case(p: nn.Sequential) -> Case:
         conv, layer = p[0], p[1]
         params = list(layer.parameters())
+        hooks = list(conv._forward_hooks.values())  # CBN records its conv's input through one
 
         def prepare() -> None:
             x.grad = None
             for q in params:
                 q.grad = None
-            if needs_conv:
-                with torch.no_grad():
-                    conv(conv_in)  # CBN's paired conv records its input
+            for hook in hooks:
+                hook(conv, (conv_in,), x)
 
         return Case(prepare, lambda: layer(x), lambda y: y.backward(grad), _persistent(p))
 
-    return case(base_pair), case(var_pair), var_pair
+    return case(pair), case(var_pair), var_pair
 
 
 def model_cases(variant: Variant, args: argparse.Namespace, device: torch.device,
                 seed: int) -> tuple[Case, Case, nn.Module, Callable[[], bool]]:
     """Baseline and variant training steps of the same ResNet (same init, same batch)."""
+    from bnbench import norm
     from bnbench.models.resnet import resnet
 
     torch.manual_seed(seed)
@@ -527,28 +464,22 @@ def model_cases(variant: Variant, args: argparse.Namespace, device: torch.device
                   small_input=args.stem == "small").to(device)
     x = torch.randn(args.model_batch, 3, args.image_size, args.image_size, device=device)
     target = torch.randint(0, args.num_classes, (args.model_batch,), device=device)
+    bns = [m for m in base.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():  # population statistics of this batch (FrozenBN/BRN see sane ones)
-        for m in base.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 1.0
+        for m in bns:
+            m.momentum = 1.0
         base.train()(x)
-        for m in base.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.1
-                m.num_batches_tracked.zero_()
+        for m in bns:
+            m.momentum = 0.1
+    _past_schedules(base)
     var_model = convert_variant(copy.deepcopy(base), variant).to(device).train()
-    prime(var_model)
-    converted = sum(type(m) is not nn.BatchNorm2d for m in var_model.modules() if _is_norm(m))
-    if (variant.name not in REFERENCES
-            and converted != sum(isinstance(m, nn.BatchNorm2d) for m in base.modules())):
+    converted = sum(type(m) is not nn.BatchNorm2d for m in var_model.modules() if norm.is_norm(m))
+    if variant.name not in REFERENCES and converted != len(bns):
         raise BnbenchError(f"{variant.label}: convert left plain nn.BatchNorm2d layers")
     losses: dict[int, Tensor] = {}
 
     def case(model: nn.Module) -> Case:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-        def forward() -> Tensor:
-            return F.cross_entropy(model(x), target)
 
         def finish(loss: Tensor) -> None:
             opt.zero_grad(set_to_none=True)
@@ -556,7 +487,8 @@ def model_cases(variant: Variant, args: argparse.Namespace, device: torch.device
             opt.step()
             losses[id(model)] = loss.detach()
 
-        return Case(lambda: None, forward, finish, _persistent(model))
+        return Case(lambda: None, lambda: F.cross_entropy(model(x), target), finish,
+                    _persistent(model))
 
     def finite() -> bool:
         return all(bool(torch.isfinite(v)) for v in losses.values())
@@ -564,133 +496,257 @@ def model_cases(variant: Variant, args: argparse.Namespace, device: torch.device
     return case(base), case(var_model), var_model, finite
 
 
-# -- single-process SyncBN ----------------------------------------------------------------------
 @contextlib.contextmanager
 def single_process_group(wanted: bool) -> Iterator[str]:
-    """A one-process gloo group for SyncBN rows (when none exists); yields a note."""
+    """A one-process gloo group for SyncBN (unless one exists); yields the row's note."""
     import torch.distributed as dist
 
-    if not wanted:
-        yield ""
+    if not wanted or dist.is_initialized():
+        yield f"existing group, world size {dist.get_world_size()}" if wanted else ""
         return
-    if not dist.is_available():
-        yield "torch.distributed unavailable: syncbn ≡ bn (no group)"
-        return
-    if dist.is_initialized():
-        yield f"existing group, world size {dist.get_world_size()}"
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        yield "WORLD_SIZE>1 without a group"
-        return
-    try:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    except Exception as err:  # no gloo: measure the group-less layer instead
-        yield f"no process group ({type(err).__name__}): syncbn ≡ bn"
-        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield "1-process gloo group"
     finally:
         dist.destroy_process_group()
 
 
+# -- first step in a fresh process -------------------------------------------------------------
+FIRST_STEP_CODE = ("import time; t0 = time.perf_counter(); import sys; "
+                   "from bnbench.bench import first_step; first_step(sys.argv[1], t0)")
+
+
+def first_step(spec_json: str, t0: float) -> None:
+    """In a fresh process: build the model as training does, run and time its first training
+    step, print ``{"first_step_s", "process_s"}`` as JSON (``process_s``: from ``t0``)."""
+    from bnbench.models import build_model
+    from bnbench.models.resnet import resnet
+
+    s = json.loads(spec_json)
+    torch.set_num_threads(s["threads"])
+    torch.manual_seed(s["seed"])
+    device = torch.device(s["device"])
+    name = s["name"]
+    with single_process_group(name == "syncbn"):
+        if name is None:
+            model = resnet(s["arch"], s["num_classes"], width=s["width"],
+                           small_input=s["small_input"])
+        else:
+            cfg = SimpleNamespace(arch=s["arch"], width=s["width"], small_input=s["small_input"],
+                                  zero_init_residual=False)
+            model = build_model(cfg, name, s["options"], s["num_classes"])
+        model = model.to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        x = torch.randn(s["batch"], 3, s["image_size"], s["image_size"], device=device)
+        target = torch.randint(0, s["num_classes"], (s["batch"],), device=device)
+        _sync(device)
+        t1 = time.perf_counter()
+        loss = F.cross_entropy(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+    print(json.dumps({"first_step_s": t2 - t1, "process_s": t2 - t0, "loss": loss.item()}))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_first_step(variant: Variant | None, args: argparse.Namespace,
+                   device: torch.device) -> dict[str, float]:
+    """One fresh process (``variant`` None: plain ``nn.BatchNorm2d``); its JSON line."""
+    spec = {"name": variant and variant.name, "options": variant.options if variant else {},
+            "arch": args.model_arch, "width": args.model_width, "small_input": args.stem == "small",
+            "num_classes": args.num_classes, "batch": args.model_batch,
+            "image_size": args.image_size, "seed": args.seed, "threads": torch.get_num_threads(),
+            "device": str(device)}
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", FIRST_STEP_CODE, json.dumps(spec)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise RuntimeError(f"first-step process failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_first_steps(variants: list[Variant], args: argparse.Namespace, device: torch.device,
+                        rows: dict[str, dict[str, Any]], measurements: list,
+                        log: Callable[[str], None]) -> None:
+    """``--first-step-repeats`` rounds of one process per side (baseline first, then each
+    variant; the order reversed every other round); ratios into ``rows[label]["first_step"]``."""
+    sides: list[Variant | None] = [None, *(v for v in variants if v.name not in REFERENCES)]
+    times: dict[str | None, dict[str, list[float]]] = {}
+    errors: dict[str | None, str] = {}
+    with contextlib.suppress(Exception):  # untimed: warms the file cache for the imports
+        run_first_step(None, args, device)
+    for r in range(args.first_step_repeats):
+        for v in sides if r % 2 == 0 else sides[::-1]:
+            key = v and v.label
+            if key in errors:
+                continue
+            log(f"first step [{r + 1}/{args.first_step_repeats}]: {key or BASELINE}")
+            try:
+                got = run_first_step(v, args, device)
+            except Exception as err:
+                errors[key] = _error(err)
+                log(f"    {errors[key]}")
+                continue
+            for k in ("first_step_s", "process_s"):
+                times.setdefault(key, {}).setdefault(k, []).append(got[k])
+
+    def made(key: str | None, k: str, what: str) -> benchmark.Measurement:
+        spec = benchmark.TaskSpec(stmt=FIRST_STEP_CODE, setup="", label=what,
+                                  sub_label=key or BASELINE, description=_model_text(args),
+                                  num_threads=torch.get_num_threads())
+        return benchmark.Measurement(number_per_run=1, raw_times=times[key][k], task_spec=spec)
+
+    for v in sides[1:]:
+        if v.label in errors or None in errors:
+            rows[v.label]["first_step"] = {"error": errors.get(v.label) or errors[None]}
+            continue
+        result = {}
+        for k, what in (("first_step_s", "first training step, fresh process"),
+                        ("process_s", "process start to end of first step")):
+            base, var = made(None, k, what), made(v.label, k, what)
+            result[k.removesuffix("_s")] = ratio(base, var)
+            measurements += [base, var]
+        rows[v.label]["first_step"] = result
+
+
+# -- PreciseBN ----------------------------------------------------------------------------------
+def measure_precise(args: argparse.Namespace, device: torch.device,
+                    measurements: list) -> dict[str, Any]:
+    """PreciseBN (``update_population_stats``) against a no-grad eval forward, same batches."""
+    from bnbench.models import build_model
+    from bnbench.population import update_population_stats
+
+    n, b = args.precise_samples, args.precise_batch
+    torch.manual_seed(args.seed)
+    cfg = SimpleNamespace(arch=args.model_arch, width=args.model_width,
+                          small_input=args.stem == "small", zero_init_residual=False)
+    model = build_model(cfg, "bn", {}, args.num_classes).to(device)
+    size = (3, args.image_size, args.image_size)
+    batches = [torch.randn(b, *size, device=device) for _ in range(n // b)]
+    batches += [torch.randn(n % b, *size, device=device)] if n % b else []
+
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+
+    def precise() -> None:
+        update_population_stats(model, lambda: batches)
+
+    forward()
+    precise()
+    base, var = time_pair(forward, precise, label=f"PreciseBN, N={n}, B={b}",
+                          description=_model_text(args), variant="update_population_stats",
+                          baseline="no-grad eval forward",
+                          repeats=args.repeats, min_time=args.min_time,
+                          threads=torch.get_num_threads())
+    measurements += [base, var]
+    return {"samples": n, "batch": b, **ratio(base, var)}
+
+
 # -- the run ------------------------------------------------------------------------------------
 def _error(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:120]
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:160]
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_bench(args: argparse.Namespace, variants: list[Variant], device: torch.device,
-              log: Callable[[str], None] = _log) -> list[dict[str, Any]]:
-    rows = []
-    wants_sync = any(v.name == "syncbn" for v in variants)
-    with single_process_group(wants_sync) as sync_note:
-        for i, variant in enumerate(variants, 1):
-            torch._dynamo.reset()  # each variant compiles its fused kernels afresh (in warmup)
-            row: dict[str, Any] = {"variant": variant.label, "name": variant.name,
-                                   "options": variant.options, "layers": [], "step": None,
-                                   "notes": []}
-            if variant.name in NOTES:
-                row["notes"].append(NOTES[variant.name])
-            if variant.name in REFERENCES:
-                row["notes"].append(REFERENCES[variant.name]
-                                    + ("; not run: step only, --no-model" if args.no_model else ""))
-            if variant.name == "syncbn" and sync_note:
-                row["notes"].append(sync_note)
-            warmup = args.warmup
-            if variant.name in ("cbn", "naive_cbn"):
-                warmup = max(warmup, int(variant.options.get("window", 4)) + 1)
-            if not args.no_layer and variant.name not in REFERENCES:  # references: step only
-                for shape in args.layer_shape:
-                    log(f"[{i}/{len(variants)}] {variant.label}: layer {_shape_text(shape)}")
-                    result: dict[str, Any] = {"shape": list(shape)}
-                    try:
-                        base, var, module = layer_cases(variant, shape, device, args.seed)
-                        result.update(compare_time(base, var, repeats=args.repeats,
-                                                   warmup=warmup, min_time=args.min_time,
-                                                   device=device))
-                        result.update(compare_memory(base, var, device))
-                        result["state"] = _prefixed("layer", state_note(module))
-                    except Exception as err:
-                        result["error"] = _error(err)
-                        result["traceback"] = traceback.format_exc()
-                        log(f"    {result['error']}")
-                    row["layers"].append(result)
-            if not args.no_model:
-                log(f"[{i}/{len(variants)}] {variant.label}: {args.model_arch} training step")
-                step: dict[str, Any] = {}
-                try:
-                    base, var, model, finite = model_cases(variant, args, device, args.seed)
-                    step.update(compare_time(base, var, repeats=args.repeats, warmup=warmup,
-                                             min_time=args.min_time, device=device))
-                    step.update(compare_memory(base, var, device))
-                    step["state"] = _prefixed("step", state_note(model))
-                    step["finite_loss"] = finite()
-                    if not step["finite_loss"]:
-                        row["notes"].append("non-finite loss in the step")
-                except Exception as err:
-                    step["error"] = _error(err)
-                    step["traceback"] = traceback.format_exc()
-                    log(f"    {step['error']}")
-                row["step"] = step
-            states = {r.get("state") for r in [*row["layers"], row["step"] or {}]} - {None, ""}
-            row["notes"].extend(sorted(states))
-            row["target"], row["meets"] = judge(variant.name, row)
-            rows.append(row)
-    return rows
-
-
-def _prefixed(part: str, note: str) -> str:
-    return f"{part}: {note}" if note else ""
-
-
-def judge(name: str, row: dict[str, Any]) -> tuple[str, str]:
-    """Target text and verdict: ``yes``/``no`` by the median ratio, ``~yes``/``~no`` when the
-    interquartile range straddles the target (within noise), ``n/a`` when not measured."""
-    if name not in TARGETS:
-        return "", ""
-    kind, limit = TARGETS[name]
-    results = row["layers"] if kind == "layer" else [row["step"] or {}]
-    text = f"{kind} ≤ {limit:g}×"
-    measured = [r for r in results if "ratio" in r]
-    if not measured or len(measured) < len(results):
-        return text, "n/a"
-    worst = max(measured, key=lambda r: r["ratio"])
-    verdict = "yes" if worst["ratio"] <= limit else "no"
-    if worst["ratio_q1"] <= limit <= worst["ratio_q3"]:
-        verdict = "~" + verdict
-    return text, verdict
-
-
-# -- reporting ----------------------------------------------------------------------------------
 def _shape_text(shape: Sequence[int]) -> str:
     return "×".join(str(d) for d in shape)
 
 
-def _ratio(result: dict[str, Any] | None, key: str = "ratio") -> str:
+def _model_text(args: argparse.Namespace) -> str:
+    return (f"{args.model_arch} w{args.model_width:g} {args.image_size}px "
+            f"b{args.model_batch}")
+
+
+def _measure(case_fn: Callable[[], tuple], label: str, description: str, variant: Variant,
+             args: argparse.Namespace, device: torch.device, measurements: list,
+             warmup: int) -> dict[str, Any]:
+    """Build the cases, warm up, time both sides and measure memory; errors are recorded."""
+    try:
+        base, var, module, *finite = case_fn()
+        for _ in range(warmup):
+            base.iteration()
+            var.iteration()
+        mb, mv = time_pair(base.iteration, var.iteration, label=label, description=description,
+                           variant=variant.label, repeats=args.repeats, min_time=args.min_time,
+                           threads=torch.get_num_threads())
+        measurements += [mb, mv]
+        result = {**ratio(mb, mv), **compare_memory(base, var, device)}
+        result["state"] = state_note(module)
+        if finite:
+            result["finite_loss"] = finite[0]()
+        return result
+    except Exception as err:
+        _log(f"    {_error(err)}")
+        return {"error": _error(err), "traceback": traceback.format_exc()}
+
+
+def run_bench(args: argparse.Namespace, variants: list[Variant], device: torch.device,
+              log: Callable[[str], None] = _log) -> tuple[list[dict[str, Any]], dict | None, list]:
+    """Every measurement: the rows, the PreciseBN result and all Measurements (for Compare)."""
+    rows: dict[str, dict[str, Any]] = {}
+    measurements: list[benchmark.Measurement] = []
+    with single_process_group(any(v.name == "syncbn" for v in variants)) as sync_note:
+        for i, v in enumerate(variants, 1):
+            row: dict[str, Any] = {"variant": v.label, "name": v.name, "options": v.options,
+                                   "layers": [], "step": None, "first_step": None,
+                                   "notes": [n for n in (NOTES.get(v.name), REFERENCES.get(v.name))
+                                             if n]}
+            if v.name == "syncbn" and sync_note:
+                row["notes"].append(sync_note)
+            rows[v.label] = row
+            warmup = args.warmup
+            if v.name in ("cbn", "naive_cbn"):
+                warmup = max(warmup, int(v.options.get("window", 4)) + 1)
+            if not args.no_layer and v.name not in REFERENCES:  # references: step only
+                for shape in args.layer_shape:
+                    log(f"[{i}/{len(variants)}] {v.label}: layer {_shape_text(shape)}")
+                    result = _measure(partial(layer_cases, v, shape, device, args.seed),
+                                      "layer forward+backward", _shape_text(shape), v, args,
+                                      device, measurements, warmup)
+                    row["layers"].append({"shape": list(shape), **result})
+            if not args.no_model:
+                log(f"[{i}/{len(variants)}] {v.label}: {args.model_arch} training step")
+                row["step"] = _measure(partial(model_cases, v, args, device, args.seed),
+                                       "training step", _model_text(args), v, args, device,
+                                       measurements, warmup)
+                if row["step"].get("finite_loss") is False:
+                    row["notes"].append("non-finite loss in the step")
+    if not args.no_first_step:
+        measure_first_steps(variants, args, device, rows, measurements, log)
+    precise = None
+    if not args.no_precise:
+        log(f"PreciseBN: N={args.precise_samples}, B={args.precise_batch}")
+        try:
+            precise = measure_precise(args, device, measurements)
+        except Exception as err:
+            precise = {"error": _error(err), "traceback": traceback.format_exc()}
+            log(f"    {precise['error']}")
+    for row in rows.values():
+        states = {f"{part}: {r['state']}"
+                  for part, results in (("layer", row["layers"]), ("step", [row["step"] or {}]))
+                  for r in results if r.get("state")}
+        row["notes"].extend(sorted(states))
+    return list(rows.values()), precise, measurements
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def _cell(result: dict[str, Any] | None, key: str = "ratio") -> str:
     if not result:
         return "–"
     if "error" in result:
@@ -698,66 +754,33 @@ def _ratio(result: dict[str, Any] | None, key: str = "ratio") -> str:
     value = result.get(key)
     if value is None or not math.isfinite(value):
         return "–"
-    if key == "ratio":
-        return f"{value:.2f} ({result['ratio_q1']:.2f}–{result['ratio_q3']:.2f})"
-    return f"{value:.2f}"
+    return f"{value:.2f}" + (" †" if key == "ratio" and result.get("noisy") else "")
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = ["variant"]
-    if not args.no_layer:
-        for shape in args.layer_shape:
-            s = _shape_text(shape)
-            head += [f"layer time {s}", f"layer mem {s}"]
-    if not args.no_model:
-        head += ["step time", "step mem"]
-    head += ["target", "meets?", "notes"]
+    """The ratios to ``nn.BatchNorm2d`` (time, then memory), one row per variant."""
+    shapes = [] if args.no_layer else args.layer_shape
+    head = ["variant", *(f"layer {_shape_text(s)}" for s in shapes)]
+    head += [] if args.no_model else ["step"]
+    head += [] if args.no_first_step else ["first step (fresh process)", "start → first step"]
+    head += ["layer mem"] if shapes else []
+    head += [] if args.no_model else ["step mem"]
+    head += ["notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
-        cells = [row["variant"]]
-        if not args.no_layer:
-            for result in row["layers"] or [{}] * len(args.layer_shape):  # [] : step only
-                cells += [_ratio(result), _ratio(result, "mem_ratio")]
-        if not args.no_model:
-            cells += [_ratio(row["step"]), _ratio(row["step"], "mem_ratio")]
-        errors = [r["error"] for r in [*row["layers"], row["step"] or {}] if "error" in r]
+        layers = row["layers"] or [{}] * len(shapes)  # references: step only
+        first = row["first_step"] or {}
+        cells = [row["variant"], *(_cell(r) for r in layers)]
+        cells += [] if args.no_model else [_cell(row["step"])]
+        if not args.no_first_step:
+            cells += ([_cell(first)] * 2 if "error" in first else
+                      [_cell(first.get("first_step")), _cell(first.get("process"))])
+        cells += [" / ".join(_cell(r, "mem_ratio") for r in layers)] if shapes else []
+        cells += [] if args.no_model else [_cell(row["step"], "mem_ratio")]
+        errors = [r["error"] for r in [*row["layers"], row["step"] or {}, first] if "error" in r]
         notes = [*row["notes"], *(f"error: {e}" for e in dict.fromkeys(errors))]
-        cells += [row["target"], row["meets"], "; ".join(notes)]
+        cells.append("; ".join(notes))
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def absolute_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = ["variant"]
-    if not args.no_layer:
-        head += [f"layer ms {_shape_text(s)} (bn → variant)" for s in args.layer_shape]
-    if not args.no_model:
-        head += ["step ms (bn → variant)"]
-    head += [] if args.no_layer else ["layer MiB (bn → variant)"]
-    head += [] if args.no_model else ["step MiB (bn → variant)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-
-    def ms(r: dict[str, Any] | None) -> str:
-        if not r or "var_ms" not in r:
-            return "–"
-        return f"{r['base_ms']:.3g} → {r['var_ms']:.3g} (min ratio {r['ratio_of_min']:.2f})"
-
-    def mib(r: dict[str, Any] | None) -> str:
-        if not r or "mem_var" not in r:
-            return "–"
-        return f"{r['mem_base'] / 2**20:.3g} → {r['mem_var'] / 2**20:.3g}"
-
-    for row in rows:
-        cells = [row["variant"]]
-        if not args.no_layer:
-            cells += [ms(r) for r in row["layers"] or [{}] * len(args.layer_shape)]
-        if not args.no_model:
-            cells += [ms(row["step"])]
-        if not args.no_layer:
-            cells += [" / ".join(mib(r) for r in row["layers"]) or "–"]
-        if not args.no_model:
-            cells += [mib(row["step"])]
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -774,94 +797,69 @@ def _git() -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
+    """``torch.utils.collect_env``'s report, plus what it lacks: git, date, threads, load."""
+    from torch.utils import collect_env
+
+    info = collect_env.get_env_info()
+    cpu = {k.strip(): v.strip() for k, _, v in
+           (line.partition(":") for line in (info.cpu_info or "").splitlines())}
     env: dict[str, Any] = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "git": _git(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "cpus": os.cpu_count(),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "git": _git(),
-        "host": platform.node(),
+        "machine": cpu.get("Architecture", "unknown"),
+        "cpu": f"{cpu.get('Model name', 'unknown')} ({cpu.get('CPU(s)', '?')} CPUs)",
+        "collect_env": info._asdict(),
+        "pretty": collect_env.pretty_str(info),
     }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
     with contextlib.suppress(OSError, AttributeError):
-        env["load_avg"] = [round(v, 2) for v in os.getloadavg()]
+        env["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     return env
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-MEMORY_MEANING = {
-    "cpu": "bytes autograd saves for backward (unique storages; parameters and buffers "
-           "excluded) plus the output, per forward; transient temporaries are not seen "
-           "(CPU has no allocator statistics)",
-    "cuda": "peak CUDA allocation during one iteration (forward, backward, and for the step "
-            "the SGD update) above what was allocated before it (torch.cuda.max_memory_allocated "
-            "delta)",
-}
-
-
-def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
-           env: dict[str, Any], elapsed: float) -> str:
+def report(rows: list[dict[str, Any]], precise: dict[str, Any] | None,
+           measurements: list, args: argparse.Namespace, command: str, env: dict[str, Any],
+           elapsed: float) -> str:
     dev = env["device"].split(":")[0]
-    model = (f"{args.model_arch}, width {args.model_width:g}, {args.stem} stem, "
-             f"batch {args.model_batch}, {args.image_size}×{args.image_size} px, "
-             f"{args.num_classes} classes, SGD(lr 0.01, momentum 0.9, wd 5e-4), cross-entropy")
-    load = f", load average {env['load_avg']}" if "load_avg" in env else ""
+    load = "".join(f"; load average at {k} {env['load_avg_' + k]}" for k in ("start", "end")
+                   if "load_avg_" + k in env)
+    model = (f"{args.model_arch}, width {args.model_width:g}, {args.stem} stem, batch "
+             f"{args.model_batch}, {args.image_size}×{args.image_size} px, {args.num_classes} "
+             "classes, SGD(lr 0.01, momentum 0.9, wd 5e-4), cross-entropy")
     lines = [
         f"$ {command}",
         "",
-        "# Normalization cost relative to torch.nn.BatchNorm2d",
-        "",
-        f"- date: {env['date']}; git {env['git']}; torch {env['torch']}; python {env['python']}",
-        f"- device: {env['device']}" + (f" ({env['gpu']})" if "gpu" in env else "")
-        + f"; CPU {env['cpu']} ({env['cpus']} cores); torch threads {env['threads']}{load}",
-        f"- time: median over {args.repeats} interleaved segment pairs (≥ {args.min_time:g} s "
-        "each) of variant/bn, (interquartile range); forward+backward of the lone layer "
-        "(training mode, input requires grad); full training step for the model",
+        f"- git {env['git']}; {env['date']}; machine {env['machine']}, CPU {env['cpu']}; "
+        f"device {env['device']}; torch threads {env['threads']}{load}",
+        f"- time: torch.utils.benchmark, {args.repeats} interleaved blocked_autorange calls "
+        f"per side (min_run_time {args.min_time:g} s) merged; ratio = variant median / "
+        f"{BASELINE} median; † = a side's IQR is large for its median (torch's warning); "
+        f"first step: {args.first_step_repeats} fresh processes per side",
         f"- memory ({dev}): {MEMORY_MEANING[dev]}",
-        *([] if args.no_model else [f"- model step: {model}"]),
+        f"- model: {model}",
         f"- run took {elapsed:.0f} s",
         "",
+        f"## Ratios to {BASELINE}",
+        "",
         table(rows, args),
-        "",
-        "Absolute medians per iteration, ms (min ratio: fastest variant segment over fastest "
-        "bn segment, a cross-check of the median), and memory, MiB:",
-        "",
-        absolute_table(rows, args),
-        "",
     ]
+    if precise is not None:
+        lines += ["", f"## PreciseBN (N = {args.precise_samples}, B = {args.precise_batch}) vs "
+                  "no-grad eval forward over the same batches", ""]
+        lines += ([f"error: {precise['error']}"] if "error" in precise else
+                  [f"ratio {_cell(precise)} ({precise['base_ms']:.4g} ms → "
+                   f"{precise['var_ms']:.4g} ms)"])
+    compare = benchmark.Compare(measurements)
+    compare.trim_significant_figures()
+    compare.highlight_warnings()
+    lines += ["", "## Medians (torch.utils.benchmark.Compare)", "", "```", str(compare).strip(),
+              "```", "", "## Environment (torch.utils.collect_env)", "", "```",
+              env["pretty"].strip(), "```", ""]
     return "\n".join(lines)
 
 
 # -- entry point --------------------------------------------------------------------------------
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    defaults = QUICK if args.quick else FULL
-    if args.layer_shape is None:
-        args.layer_shape = list(defaults["layer_shapes"])
-    for key in ("model_width", "model_batch", "image_size", "repeats", "warmup", "min_time"):
-        if getattr(args, key) is None:
-            setattr(args, key, defaults[key])
-    return args
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BnbenchError("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def _warn_if_loaded(threads: int) -> None:
     try:
         load = os.getloadavg()[0]
@@ -870,79 +868,12 @@ def _warn_if_loaded(threads: int) -> None:
     cores = os.cpu_count() or 1
     if load > cores - 0.5:
         _log(f"bnbench bench: warning: load average {load:.1f} on {cores} cores: timings will "
-             f"be noisy" + (" (and a pool of several threads stalls: try --threads 1)"
-                            if threads > 1 else ""))
+             "be noisy" + (" (try --threads 1)" if threads > 1 else ""))
 
 
 def _fail(message: str) -> int:
-    print(f"bnbench bench: error: {message}", file=sys.stderr, flush=True)
+    print(f"bnbench: error: {message}", file=sys.stderr, flush=True)
     return 2
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = _resolve(build_parser().parse_args(argv))
-    except _ArgError as err:
-        return _fail(str(err))
-    except SystemExit as stop:  # --help
-        return int(stop.code or 0)
-    try:
-        from bnbench.models.resnet import ARCHS
-
-        if args.model_arch not in ARCHS:
-            raise BnbenchError(f"--model-arch {args.model_arch}: choose one of "
-                               f"{', '.join(ARCHS)}")
-        if args.no_layer and args.no_model:
-            raise BnbenchError("--no-layer and --no-model: nothing to measure")
-        variants = parse_variants(args.variants)
-        device = _device(args.device)
-        out = Path(args.out) if args.out else None
-        if out is not None and out.suffix in (".md", ".json"):  # a file name, not a prefix
-            out = out.with_suffix("")
-        if out is not None and not out.parent.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-    except BnbenchError as err:
-        return _fail(str(err))
-    except OSError as err:
-        return _fail(f"--out {args.out}: {err.strerror or err}")
-
-    command = "bnbench bench" + (" " + shlex.join(argv) if argv else "")
-    threads_before = torch.get_num_threads()
-    if args.threads is None and args.quick:
-        args.threads = 1  # a smoke run must not fight other processes with a thread pool
-    start = time.perf_counter()
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        _warn_if_loaded(torch.get_num_threads())
-        cuda = [torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            rows = run_bench(args, variants, device)
-        env = environment(device)
-    finally:
-        torch.set_num_threads(threads_before)
-    if args.threads:
-        env["threads"] = args.threads
-    elapsed = time.perf_counter() - start
-    text = report(rows, args, command, env, elapsed)
-    print(text)
-    if out is not None:
-        try:
-            out.with_name(out.name + ".md").write_text(text)
-            payload = {"command": command, "argv": argv, "environment": env,
-                       "settings": {k: v for k, v in vars(args).items()},
-                       "memory": MEMORY_MEANING[device.type], "elapsed_s": elapsed,
-                       "rows": rows}
-            out.with_name(out.name + ".json").write_text(
-                json.dumps(_clean(payload), indent=1, allow_nan=False) + "\n")
-        except OSError as err:
-            return _fail(f"--out {args.out}: {err.strerror or err}")
-    failed = [r["variant"] for r in rows
-              if any("error" in m for m in [*r["layers"], r["step"] or {}])]
-    if failed:
-        _log(f"bnbench bench: {len(failed)} variant(s) failed to measure: {', '.join(failed)}")
-    return 1 if failed else 0
 
 
 def _clean(value: Any) -> Any:
@@ -958,4 +889,65 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["main", "build_parser", "compare_time", "compare_memory", "saved_bytes", "Case"]
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _resolve(build_parser().parse_args(argv))
+        variants = parse_variants(args.variants)
+        from bnbench.distributed import device_for
+
+        device = device_for(args.device)
+        paths = [(Path(args.json), "json")] if args.json else []  # (path, what it gets)
+        if args.out:
+            prefix = Path(args.out)
+            prefix = prefix.with_suffix("") if prefix.suffix in (".md", ".json") else prefix
+            paths += [(prefix.with_name(prefix.name + ".md"), "md"),
+                      (prefix.with_name(prefix.name + ".json"), "json")]
+        for path, _ in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    except _ArgError as err:
+        return _fail(str(err))
+    except SystemExit as stop:  # --help
+        return int(stop.code or 0)
+    except BnbenchError as err:
+        return _fail(str(err))
+    except OSError as err:
+        return _fail(f"{err.filename}: {err.strerror or err}")
+
+    command = "bnbench bench" + (" " + shlex.join(argv) if argv else "")
+    threads_before = torch.get_num_threads()
+    start = time.perf_counter()
+    load_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _warn_if_loaded(torch.get_num_threads())
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            rows, precise, measurements = run_bench(args, variants, device)
+        env = environment(device)
+        if load_start:
+            env["load_avg_start"] = load_start
+    finally:
+        torch.set_num_threads(threads_before)
+    elapsed = time.perf_counter() - start
+    text = report(rows, precise, measurements, args, command, env, elapsed)
+    print(text)
+    payload = _clean({"command": command, "argv": argv, "environment": env,
+                      "settings": vars(args), "memory": MEMORY_MEANING[device.type],
+                      "elapsed_s": elapsed, "rows": rows, "precise": precise})
+    for path, what in paths:
+        try:
+            path.write_text(text if what == "md" else
+                            json.dumps(payload, indent=1, allow_nan=False) + "\n")
+        except OSError as err:
+            return _fail(f"{path}: {err.strerror or err}")
+    failed = [r["variant"] for r in rows
+              if any("error" in m for m in [*r["layers"], r["step"] or {}, r["first_step"] or {}])]
+    failed += ["PreciseBN"] if precise and "error" in precise else []
+    if failed:
+        _log(f"bnbench bench: {len(failed)} measurement(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+__all__ = ["main", "build_parser", "time_pair", "ratio", "compare_memory", "saved_bytes", "Case"]

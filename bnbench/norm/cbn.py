@@ -69,8 +69,9 @@ Implementation (our choices, exact in exact arithmetic):
   ``hist_state`` buffer; the new entry is written at a device-side index (:func:`record`), so a
   training step reads nothing back to the host (only ``burnin > 0`` reads the iteration count).
 * The step is plain autograd: ``μ_t, σ²_t`` from ``torch.var_mean``, the window average, and
-  ``y = γ (x − μ̄) / sqrt(σ̄² + ε) + β``; autograd's gradient through ``μ̄, σ̄²`` is BN's with
-  ``M`` replaced by ``n·M`` (``n`` entries kept in the window).
+  ``y = γ (x − μ̄) / sqrt(σ̄² + ε) + β`` run as PyTorch's batch-norm kernel with a folded affine
+  (:func:`window_batch_norm`); the gradient through ``μ̄, σ̄²`` is BN's with ``M`` replaced by
+  ``n·M`` (``n`` entries kept in the window).
 
 Not supported: activation checkpointing (``torch.utils.checkpoint``) of a CBN layer: the rerun of
 the forward would store a second entry and normalize with another window.
@@ -91,7 +92,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from bnbench.errors import BnbenchError, check_positive
-from bnbench.norm.base import BatchNorm2d, batch_moments, normalize, update_population
+from bnbench.norm.base import BatchNorm2d, batch_moments, update_population
 
 CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "window", "burnin", "rho",
                          "neg_var", "jacobian_dtype"})
@@ -148,6 +149,27 @@ def window_statistics(mean: Tensor, var: Tensor, past_mean: Tensor, past_var: Te
     spread = past_var + (past_mean - wmean).square()
     wvar = (var + (mean - wmean).square() + torch.where(keep, spread, 0).sum(0)) / count
     return wmean, wvar
+
+
+def window_batch_norm(x: Tensor, mean: Tensor, var: Tensor, wmean: Tensor, wvar: Tensor,
+                      weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``y = γ (x − μ̄) / sqrt(σ̄² + ε) + β`` as PyTorch's batch-norm kernel over ``x``'s own batch
+    statistics ``(μ_t, σ²_t)`` with the affine folded, as BRN folds it but with corrections that
+    carry the gradient:
+
+        r = sqrt(σ²_t + ε) / sqrt(σ̄² + ε),   d = (μ_t − μ̄) / sqrt(σ̄² + ε),
+        y = γ r x̂ + (γ d + β),   x̂ = (x − μ_t) / sqrt(σ²_t + ε).
+
+    Autograd through the kernel and through ``r, d`` (functions of ``μ_t, σ²_t``, hence of ``x``)
+    gives the exact gradient of ``y``."""
+    inv = torch.rsqrt(wvar + eps)
+    r, d = torch.sqrt(var + eps) * inv, (mean - wmean) * inv
+    scale = r if weight is None else weight * r
+    shift = d if weight is None else weight * d
+    if bias is not None:
+        shift = shift + bias
+    dtype = x.dtype if weight is None else weight.dtype
+    return F.batch_norm(x, None, None, scale.to(dtype), shift.to(dtype), True, 0.0, eps)
 
 
 def compensate(hist_mean: Tensor, hist_var: Tensor, drop: bool, rho: float,
@@ -419,7 +441,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             update_population(self._ema(), mean.detach(), var.detach(),
                               x.numel() // x.shape[1], self.eps)
             weight, bias = self._affine()
-            return normalize(x, wmean, wvar, weight, bias, self.eps)
+            return window_batch_norm(x, mean, var, wmean, wvar, weight, bias, self.eps)
 
     def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor]:
         """The conv's ``(W (C, P), b (C,))`` in ``cd`` (``b = 0`` without bias), rounded first

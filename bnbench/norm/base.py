@@ -145,34 +145,40 @@ def ghost_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor
     copies' count-weighted average — the EMA of the count-weighted mean of the group statistics,
     since the update is affine in them (the unbiased variance is per group, ``M_g/(M_g − 1)``).
     """
-    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    n, c = x.shape[0], x.shape[1]
     groups, remainder = divmod(n, nbs)
     parts = [(x[: groups * nbs], groups)] if groups else []
     if remainder:
         parts.append((x[groups * nbs :], 1))
-    update = running_mean is not None
-    outputs, means, variances, weights = [], [], [], []
+    outputs, copies = [], []
     for part, g in parts:
-        size = part.shape[0] // g
-        # (the remainder, g = 1, is not rearranged: its output is then never a view)
-        grouped = part if g == 1 else (
-            part.view(g, size, c, *rest).transpose(0, 1).reshape(size, g * c, *rest))
-        rm = running_mean.repeat(g) if update else None
-        rv = running_var.repeat(g) if update else None
-        y = F.batch_norm(grouped, rm, rv, _repeat(weight, g), _repeat(bias, g), True, momentum,
-                         eps)
-        outputs.append(y if g == 1 else
-                       y.view(size, g, c, *rest).transpose(0, 1).reshape(part.shape))
-        if update:
-            means.append(rm.view(g, c))
-            variances.append(rv.view(g, c))
-            weights += [size / n] * g
-    if update:
+        y, rm, rv = _grouped_batch_norm(part, g, running_mean, running_var, weight, bias,
+                                        momentum, eps)
+        outputs.append(y)
+        copies.append((part.shape[0] / n, rm, rv))
+    if running_mean is not None:  # each group weighs its share of the samples
         with torch.no_grad():
-            w = torch.tensor(weights, dtype=running_mean.dtype, device=running_mean.device)
-            running_mean.copy_(w @ torch.cat(means))
-            running_var.copy_(w @ torch.cat(variances))
+            running_mean.copy_(sum(w * rm.view(-1, c).mean(0) for w, rm, _ in copies))
+            running_var.copy_(sum(w * rv.view(-1, c).mean(0) for w, _, rv in copies))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _grouped_batch_norm(x: Tensor, groups: int, running_mean: Tensor | None,
+                        running_var: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                        momentum: float, eps: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``groups`` equal contiguous groups of ``x`` in one ``F.batch_norm`` call over the
+    ``(n, G·C, …)`` rearrangement; returns the output and the ``(G·C,)`` buffer copies it
+    updated (``None`` without running statistics)."""
+    size, c, rest = x.shape[0] // groups, x.shape[1], x.shape[2:]
+    grouped = x if groups == 1 else (  # (the remainder, one group: never a view)
+        x.view(groups, size, c, *rest).transpose(0, 1).reshape(size, groups * c, *rest))
+    rm = None if running_mean is None else running_mean.repeat(groups)
+    rv = None if running_var is None else running_var.repeat(groups)
+    y = F.batch_norm(grouped, rm, rv, _repeat(weight, groups), _repeat(bias, groups), True,
+                     momentum, eps)
+    if groups > 1:
+        y = y.view(size, groups, c, *rest).transpose(0, 1).reshape(x.shape)
+    return y, rm, rv
 
 
 def _repeat(t: Tensor | None, times: int) -> Tensor | None:

@@ -33,16 +33,13 @@ from bnbench.norm.base import BatchNorm2d, Ema, batch_moments, update_population
 EMA = ("std", "var")
 
 
-def ramp(t: Tensor, start: Tensor | float, end: Tensor | float, final: Tensor | float,
-         initial: Tensor | float) -> Tensor:
-    """``initial`` until ``start``, then linear to ``final`` at ``end``, constant after (tensor
-    ops: the schedule follows ``num_batches_tracked`` on its device with no host read-back)."""
-    start, end, final, initial = (torch.as_tensor(v, dtype=t.dtype, device=t.device)
-                                  for v in (start, end, final, initial))
-    span = end - start
-    frac = ((t - start) / torch.where(span > 0, span, 1.0)).clamp(0.0, 1.0)
-    return torch.where(span > 0, initial + (final - initial) * frac,
-                       torch.where(t <= start, initial, final))
+def ramp(t: Tensor, start: float, end: float, final: float, initial: float) -> Tensor:
+    """``initial`` until ``start``, then linear to ``final`` at ``end``, constant after; ``t`` a
+    tensor (the schedule follows ``num_batches_tracked`` on its device, no host read-back)."""
+    if end <= start:  # a zero-length ramp: a step right after start
+        return torch.where(t <= start, initial, final).to(t.dtype)
+    frac = ((t - start) / (end - start)).clamp(0.0, 1.0)
+    return frac * (final - initial) + initial
 
 
 class BatchRenorm2d(BatchNorm2d):

@@ -131,13 +131,19 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 def _valid_keys(full_key: str) -> list[str]:
-    from omegaconf import OmegaConf
-
     from bnbench.config import TrainConfig
 
-    root = OmegaConf.structured(TrainConfig)
+    return valid_keys(TrainConfig, full_key)
+
+
+def valid_keys(schema: type, full_key: str) -> list[str]:
+    """The keys of the deepest config node of ``schema`` above ``full_key`` (a typo'd group:
+    the top level), for "valid keys here" messages."""
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.structured(schema)
     parts = full_key.split(".")[:-1]
-    while parts:  # the deepest existing group above the key (a typo'd group: the top level)
+    while parts:
         node = OmegaConf.select(root, ".".join(parts))
         if node is not None and hasattr(node, "keys"):
             return list(node.keys())
@@ -233,30 +239,38 @@ def _chosen_once(overrides: Sequence[str]) -> None:
 
 
 def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override lists of every job a (multi)run will start: Hydra's basic sweeper's cartesian
-    product of the sweeps (``a,b``, ``range(…)``, ``glob(…)``), in command-line order."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """The override lists of every job a (multi)run of ``bnbench train`` will start."""
 
     def kept(override: str) -> bool:  # the run dir is composed too (check_fresh_run_dir)
         key = override.lstrip("+~").split("=", 1)[0]
         return not key.startswith("hydra") or key == "hydra.run.dir"
 
-    mine = [o for o in overrides if kept(o)]
-    if not multirun:
-        return [mine]
+    return expand_sweeps([o for o in overrides if kept(o)], multirun)
+
+
+def expand_sweeps(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override lists of every job: Hydra's basic sweeper's cartesian product of the sweeps
+    (``a,b``, ``range(…)``, ``glob(…)``), in command-line order; a sweep without ``-m`` is an
+    error. Pass no ``hydra.*`` overrides other than the run dir (they are Hydra's own)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     hydra = GlobalHydra.instance()  # in a compose context: glob() lists the group's options
     parser = OverridesParser.create(hydra.config_loader() if hydra.is_initialized() else None)
     choices: dict[str, list[str]] = {}  # a key given twice: its last value, at its first place
-    for override in parser.parse_overrides(mine):
+    for override in parser.parse_overrides(overrides):
         key = override.get_key_element()
         if not override.is_sweep_override():
             choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif not multirun:
+            raise BnbenchError(f"{override.input_line}: a sweep; add -m to run one job per value")
         elif override.is_discrete_sweep():
             choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
         else:
             raise BnbenchError(f"{key}: Hydra's basic sweeper takes choices (a,b), range() and "
                                "glob() sweeps, not interval()")
+    if not multirun:
+        return [overrides]
     return [list(job) for job in itertools.product(*choices.values())]
 
 

@@ -55,6 +55,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from bnbench.cli import split_overrides, valid_keys
 from bnbench.config import DatasetConfig, TrainConfig, validate
 from bnbench.errors import BnbenchError
 from bnbench.plan import BATCH_FREE, batch_plan
@@ -68,10 +69,6 @@ DEVICES = ("auto", "cpu", "cuda")
 _DATASET_NOT_IN_TAG = ("workers", "download")
 #: Hydra flags that print something and exit, running no job: nothing to validate.
 _INFO_FLAGS = frozenset({"--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc"})
-#: Hydra flags that take a value.
-_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
-                          "--config-name", "-cn", "--config-dir", "-cd",
-                          "--experimental-rerun"})
 
 
 @dataclass
@@ -454,61 +451,19 @@ def app(cfg: DictConfig) -> float:
 # -- the command line ------------------------------------------------------------------------
 
 
-def _split(args: Sequence[str]) -> tuple[list[str], bool]:
-    """The overrides among Hydra's command line, and whether it is a multirun."""
-    overrides, skip, multirun = [], False, False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg in _VALUE_FLAGS:
-            skip = True
-        elif arg in ("-m", "--multirun"):
-            multirun = True
-        elif not arg.startswith("-"):
-            overrides.append(arg)
-    return overrides, multirun
-
-
 def _sweep(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The overrides of every job: the cartesian product of the sweeps (``a,b``, ``range()``,
-    ``glob()``), as Hydra's basic sweeper runs them. Hydra's own keys are left to Hydra."""
-    import itertools
+    """The overrides of every job (:func:`bnbench.cli.expand_sweeps`; Hydra's own keys are left
+    to Hydra). A sweep over runs needs its own sweep dir."""
+    from bnbench.cli import expand_sweeps
 
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    mine = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    hydra_ = GlobalHydra.instance()
-    parser = OverridesParser.create(hydra_.config_loader() if hydra_.is_initialized() else None)
-    choices: dict[str, list[str]] = {}
-    for override in parser.parse_overrides(mine):
-        key = override.get_key_element()
-        if not override.is_sweep_override():
-            choices[key] = [override.input_line]
-        elif not multirun:
-            raise BnbenchError(f"{override.input_line}: a sweep; add -m to run one job per "
-                               "value")
-        elif override.is_discrete_sweep():
-            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-            if key == "run" and not any(o.lstrip("+").startswith("hydra.sweep.dir=")
-                                        for o in overrides):
-                raise BnbenchError("run: a sweep over runs needs hydra.sweep.dir=<dir> for "
-                                   "Hydra's files (by default they go inside the one run)")
-        else:
-            raise BnbenchError(f"{key}: Hydra's basic sweeper takes choices (a,b), range() and "
-                               "glob() sweeps, not interval()")
-    return [list(job) for job in itertools.product(*choices.values())]
-
-
-def _valid_keys(full_key: str) -> list[str]:
-    root = OmegaConf.structured(EvalAppConfig)
-    parts = full_key.split(".")[:-1]
-    while parts:  # the deepest existing group above the key
-        node = OmegaConf.select(root, ".".join(parts))
-        if isinstance(node, DictConfig):
-            return list(node.keys())
-        parts.pop()
-    return list(root.keys())
+    given = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    jobs = expand_sweeps(given, multirun)
+    runs = {o for job in jobs for o in job if o.startswith("run=")}
+    if len(runs) > 1 and not any(o.lstrip("+").startswith("hydra.sweep.dir=")
+                                 for o in overrides):
+        raise BnbenchError("run: a sweep over runs needs hydra.sweep.dir=<dir> for Hydra's files "
+                           "(by default they go inside the one run)")
+    return jobs
 
 
 def describe(err: BaseException) -> str:
@@ -529,7 +484,7 @@ def describe(err: BaseException) -> str:
         return f"{key}: {str(getattr(cause, 'msg', cause)).splitlines()[0]}"
     if override or (isinstance(cause, ConfigKeyError) and key):
         name = override.group(1) if override else key
-        return f"unknown key {name}; valid keys here: {', '.join(_valid_keys(name))}"
+        return f"unknown key {name}; valid keys here: {', '.join(valid_keys(EvalAppConfig, name))}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return " ".join(lines[:3]) if lines else type(err).__name__
 
@@ -540,7 +495,7 @@ def validate_overrides(args: Sequence[str]) -> list[EvalJob]:
     from hydra.core.global_hydra import GlobalHydra
 
     register()
-    overrides, multirun = _split(args)
+    overrides, multirun = split_overrides(args)
     GlobalHydra.instance().clear()
     jobs = []
     try:
@@ -581,7 +536,7 @@ def main(argv: list[str]) -> int:
             return 0
         # Flags first: argparse takes the overrides as one run of positionals (`a=1 -m b=2`
         # fails).
-        overrides, _ = _split(argv)
+        overrides, _ = split_overrides(argv)
         argv = [arg for arg in argv if arg not in overrides] + overrides
     sys.argv = ["bnbench eval", *argv]
     try:

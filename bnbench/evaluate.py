@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,20 +202,6 @@ def eval_batches(reader: Reader, plan: BatchPlan, *, split: str = "val", shuffle
     return first(), steps
 
 
-@contextmanager
-def eval_nbs(model: nn.Module, nbs: int | None) -> Iterator[None]:
-    """Evaluate with mini-batch statistics in groups of ``nbs`` (``None``: the layers' own)."""
-    layers = bn_layers(model) if nbs is not None else []
-    saved = [layer.eval_nbs for layer in layers]
-    for layer in layers:
-        layer.eval_nbs = nbs
-    try:
-        yield
-    finally:
-        for layer, old in zip(layers, saved):
-            layer.eval_nbs = old
-
-
 def evaluate_stats(model: nn.Module, reader: Reader, spec: StatsSpec, plan: BatchPlan, *,
                    epoch: int, split: str = "val", subset: int | None = None
                    ) -> dict[str, float]:
@@ -232,8 +217,8 @@ def evaluate_stats(model: nn.Module, reader: Reader, spec: StatsSpec, plan: Batc
     # Mini-batch statistics need random batches (a class-sorted folder would leak labels).
     batches, steps = eval_batches(reader, plan, split=split, shuffle=spec.kind == "batch",
                                   subset=subset)
-    with preserved_population(model), eval_stats_mode(model, mode), \
-            eval_nbs(model, spec.nbs if spec.kind == "batch" else None):
+    with preserved_population(model), eval_stats_mode(
+            model, mode, spec.nbs if spec.kind == "batch" else None):
         if spec.kind == "precise":
             update_population_stats(model, precise_batches(reader, spec, plan, epoch),
                                     estimator=spec.estimator, layerwise=spec.layerwise)

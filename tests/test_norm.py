@@ -510,3 +510,18 @@ def test_layer_inside_a_compiled_model_matches_eager(name):
             torch.testing.assert_close(a, b)
     for a, b in zip(bufs1, bufs0):
         torch.testing.assert_close(a, b)
+
+
+def test_batch_moments_match_var_mean_and_pass_gradcheck():
+    """The statistics behind BRN, CBN and SyncBN: ``torch.var_mean``'s values (any rank), and
+    gradients that pass gradcheck (each output alone and both)."""
+    for shape in [(5, 3, 4, 2), (6, 4), (3, 2, 2, 3, 2)]:
+        x = _x(*shape)
+        mean, var = norms.base.batch_moments(x)
+        dims = [0, *range(2, x.dim())]
+        ref_var, ref_mean = torch.var_mean(x, dim=dims, correction=0)
+        torch.testing.assert_close(mean, ref_mean)
+        torch.testing.assert_close(var, ref_var)
+        for pick in (lambda t: norms.base.batch_moments(t), lambda t: norms.base.batch_moments(t)[0],
+                     lambda t: norms.base.batch_moments(t)[1]):
+            assert torch.autograd.gradcheck(pick, (x,))

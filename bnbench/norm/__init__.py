@@ -236,17 +236,20 @@ def _copy_state(old: nn.Module, new: nn.Module) -> None:
 
 
 @contextmanager
-def eval_stats_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Evaluate every BN-family layer with ``mode`` ("population" or "batch"), then restore."""
+def eval_stats_mode(model: nn.Module, mode: str, nbs: int | None = None) -> Iterator[None]:
+    """Evaluate every BN-family layer with ``mode`` ("population" or "batch"; with ``nbs``, in
+    groups of that many samples instead of the layers' own ``eval_nbs``), then restore."""
     layers = bn_layers(model)
-    saved = [layer.eval_stats for layer in layers]
+    saved = [(layer.eval_stats, layer.eval_nbs) for layer in layers]
     for layer in layers:
         layer.eval_stats = mode
+        if nbs is not None:
+            layer.eval_nbs = nbs
     try:
         yield
     finally:
-        for layer, old in zip(layers, saved):
-            layer.eval_stats = old
+        for layer, (stats, old_nbs) in zip(layers, saved):
+            layer.eval_stats, layer.eval_nbs = stats, old_nbs
 
 
 def bn_layers(model: nn.Module) -> list[BatchNorm2d]:

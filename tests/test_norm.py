@@ -512,6 +512,9 @@ def test_layer_inside_a_compiled_model_matches_eager(name):
         torch.testing.assert_close(a, b)
 
 
+_moments = norms.base.batch_moments
+
+
 def test_batch_moments_match_var_mean_and_pass_gradcheck():
     """The statistics behind BRN, CBN and SyncBN: ``torch.var_mean``'s values (any rank), and
     gradients that pass gradcheck (each output alone and both)."""
@@ -522,6 +525,5 @@ def test_batch_moments_match_var_mean_and_pass_gradcheck():
         ref_var, ref_mean = torch.var_mean(x, dim=dims, correction=0)
         torch.testing.assert_close(mean, ref_mean)
         torch.testing.assert_close(var, ref_var)
-        for pick in (lambda t: norms.base.batch_moments(t), lambda t: norms.base.batch_moments(t)[0],
-                     lambda t: norms.base.batch_moments(t)[1]):
+        for pick in (_moments, lambda t: _moments(t)[0], lambda t: _moments(t)[1]):
             assert torch.autograd.gradcheck(pick, (x,))

@@ -137,9 +137,12 @@ def jobs(exp: Experiment) -> list[Job]:
                 "trainer.resume=true")
         out.append(Job("train", run, run, argv))
     for run in exp.spec["runs"]:
+        seen = set()
         for column, overrides in exp.spec.get("evals", {}).items():
             argv = (*bnbench, "eval", f"run={exp.run_dir(run)}", *capped(list(overrides)))
-            out.append(Job("eval", run, column, argv))
+            if argv not in seen:  # B=10³ and B=N are one evaluation where N ≤ 10³
+                out.append(Job("eval", run, column, argv))
+            seen.add(argv)
     return out
 
 

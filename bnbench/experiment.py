@@ -48,6 +48,7 @@ class Job:
     run: str  # the run's row label
     label: str  # the run's label, or the evaluation's column label
     argv: tuple[str, ...]
+    options: tuple[str, ...] = ()  # an evaluation's overrides (what its record is matched on)
 
 
 @dataclass
@@ -139,10 +140,11 @@ def jobs(exp: Experiment) -> list[Job]:
     for run in exp.spec["runs"]:
         seen = set()
         for column, overrides in exp.spec.get("evals", {}).items():
-            argv = (*bnbench, "eval", f"run={exp.run_dir(run)}", *capped(list(overrides)))
-            if argv not in seen:  # B=10³ and B=N are one evaluation where N ≤ 10³
-                out.append(Job("eval", run, column, argv))
-            seen.add(argv)
+            options = tuple(capped(list(overrides)))
+            if options not in seen:  # B=10³ and B=N are one evaluation where N ≤ 10³
+                argv = (*bnbench, "eval", f"run={exp.run_dir(run)}", *options)
+                out.append(Job("eval", run, column, argv, options))
+            seen.add(options)
     return out
 
 
@@ -155,9 +157,9 @@ def _finished(exp: Experiment, job: Job) -> bool:
     if job.kind == "train":
         return True
     from bnbench.evaluate import find_record
+    from bnbench.report import eval_options
 
-    options = dict(a.split("=", 1) for a in job.argv[job.argv.index("eval") + 2:] if "=" in a)
-    record = find_record(exp.run_dir(job.run), options)
+    record = find_record(exp.run_dir(job.run), eval_options(list(job.options)))
     return record is not None and record["iter"] == json.loads(summary.read_text())["iterations"]
 
 

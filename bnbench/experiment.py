@@ -41,14 +41,39 @@ OWN_KEYS = ("scale", "root", "results")
 
 
 @dataclass(frozen=True)
-class Job:
-    """One subprocess: a training run or an evaluation of one."""
+class Replica:
+    """One training run of a row: the row's sweeps (``trainer.seed=0,1,2``) resolved to one
+    value each, in its own directory (the row's, or a subdirectory per combination)."""
 
-    kind: str  # "train" | "eval"
-    run: str  # the run's row label
-    label: str  # the run's label, or the evaluation's column label
+    run: str  # the row label
+    name: str  # the resolved sweep values (``trainer.seed=1``), "" for a row without sweeps
+    directory: Path
+    overrides: tuple[str, ...]
+
+    @property
+    def title(self) -> str:
+        return self.run + (f" [{self.name}]" if self.name else "")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One subprocess: a training run, an evaluation of one, or an analysis of one."""
+
+    kind: str  # "train" | "eval" | "analyze"
+    replica: Replica
+    label: str  # the run's label, the evaluation's column or the analysis's label
     argv: tuple[str, ...]
-    options: tuple[str, ...] = ()  # an evaluation's overrides (what its record is matched on)
+    options: tuple[str, ...] = ()  # an evaluation's or analysis's overrides
+    analysis: str = ""  # an analysis job's registry name
+
+    @property
+    def run(self) -> str:
+        return self.replica.run
+
+    @property
+    def title(self) -> str:
+        return f"{self.kind} {self.replica.title}" + (
+            f" / {self.label}" if self.kind != "train" else "")
 
 
 @dataclass
@@ -61,7 +86,16 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Experiment:
-    """A composed experiment config with its scale resolved."""
+    """A composed experiment config with its scale resolved.
+
+    ``spec`` keys: ``title``, ``reference`` (``<paper>/<entry>`` of ``bnbench/papers``, or null),
+    ``metric`` (``error`` | ``top1``), ``runs`` (row → train overrides; a sweep such as
+    ``trainer.seed=0,1,2`` makes replicas whose cells are averaged), ``evals`` (column →
+    ``bnbench eval`` overrides; a sweep such as ``precise.seed=0,1,2,3,4`` is averaged too),
+    ``curves`` (column → the trainer's per-epoch validation ``stats``), ``analyses`` (label →
+    ``{name, runs, options}`` of ``bnbench analyze``), ``x`` (``columns`` | ``runs``: the plot's
+    x axis) and ``claims`` (see :mod:`bnbench.report`).
+    """
 
     name: str
     scale: str
@@ -75,8 +109,32 @@ class Experiment:
     def directory(self) -> Path:
         return self.root / self.name / self.scale
 
-    def run_dir(self, run: str) -> Path:
-        return self.directory / slug(run)
+    def replicas(self, run: str) -> list[Replica]:
+        """The training runs of row ``run`` (one per combination of its sweeps)."""
+        from bnbench.cli import expand_sweeps
+
+        combos = expand_sweeps([*self.scale_spec["train"], *self.spec["runs"][run]],
+                               multirun=True)
+        varying = [o for combo in combos for o in combo if not all(o in c for c in combos)]
+        base = self.directory / slug(run)
+        out = []
+        for combo in combos:
+            name = ",".join(o for o in combo if o in varying)
+            out.append(Replica(run, name, base / slug(name) if name else base, tuple(combo)))
+        return out
+
+    def evaluations(self) -> dict[str, list[tuple[str, ...]]]:
+        """Column → its evaluations' overrides (several where the column sweeps an option)."""
+        from bnbench.cli import expand_sweeps
+
+        return {column: [tuple(capped(job)) for job in expand_sweeps(list(overrides), True)]
+                for column, overrides in (self.spec.get("evals") or {}).items()}
+
+    def analyses(self) -> dict[str, dict[str, Any]]:
+        """Label → ``{name, runs, options}`` (``runs`` defaults to every row)."""
+        return {label: {"name": a["name"], "runs": list(a.get("runs") or self.spec["runs"]),
+                        "options": list(a.get("options") or [])}
+                for label, a in (self.spec.get("analyses") or {}).items()}
 
 
 def slug(label: str) -> str:
@@ -129,43 +187,88 @@ def capped(overrides: list[str]) -> list[str]:
 
 
 def jobs(exp: Experiment) -> list[Job]:
-    """Every training job, then every evaluation of every run."""
+    """Every training job, then every evaluation and analysis of every run."""
     bnbench = (sys.executable, "-m", "bnbench")
+    replicas = {run: exp.replicas(run) for run in exp.spec["runs"]}
     out = []
-    for run, overrides in exp.spec["runs"].items():
-        argv = (*bnbench, "train", "-m", *exp.scale_spec["train"], *overrides, *exp.forwarded,
-                f"hydra.sweep.dir={exp.directory}", f"hydra.sweep.subdir={slug(run)}",
-                "trainer.resume=true")
-        out.append(Job("train", run, run, argv))
-    for run in exp.spec["runs"]:
+    for replica in (r for rs in replicas.values() for r in rs):
+        argv = (*bnbench, "train", "-m", *replica.overrides, *exp.forwarded,
+                f"hydra.sweep.dir={replica.directory.parent}",
+                f"hydra.sweep.subdir={replica.directory.name}", "trainer.resume=true")
+        out.append(Job("train", replica, replica.run, argv))
+    evaluations = exp.evaluations()
+    for replica in (r for rs in replicas.values() for r in rs):
         seen = set()
-        for column, overrides in exp.spec.get("evals", {}).items():
-            options = tuple(capped(list(overrides)))
-            if options not in seen:  # B=10³ and B=N are one evaluation where N ≤ 10³
-                argv = (*bnbench, "eval", f"run={exp.run_dir(run)}", *options)
-                out.append(Job("eval", run, column, argv, options))
-            seen.add(options)
+        for column, options_list in evaluations.items():
+            for options in options_list:
+                if options not in seen:  # B=10³ and B=N are one evaluation where N ≤ 10³
+                    argv = (*bnbench, "eval", f"run={replica.directory}", *options)
+                    out.append(Job("eval", replica, column, argv, options))
+                seen.add(options)
+    for label, analysis in exp.analyses().items():
+        for replica in (r for run in analysis["runs"] for r in replicas[run]):
+            options = tuple(analysis["options"])
+            argv = (*bnbench, "analyze", analysis["name"], f"run={replica.directory}", *options)
+            out.append(Job("analyze", replica, label, argv, options, analysis["name"]))
     return out
 
 
 def _finished(exp: Experiment, job: Job) -> bool:
-    """A training run with its ``summary.json``; an evaluation recorded at the run's last
-    iteration (``bnbench eval`` would say so too, after starting a process)."""
-    summary = exp.run_dir(job.run) / "summary.json"
+    """A training run with its ``summary.json``; an evaluation or analysis recorded at the run's
+    last iteration (the command would say so too, after starting a process)."""
+    summary = job.replica.directory / "summary.json"
     if not summary.exists():
         return False
     if job.kind == "train":
         return True
-    from bnbench.evaluate import find_record
-    from bnbench.report import eval_options
+    iterations = json.loads(summary.read_text())["iterations"]
+    if job.kind == "eval":
+        from bnbench.evaluate import find_record
+        from bnbench.report import eval_options
 
-    record = find_record(exp.run_dir(job.run), eval_options(list(job.options)))
-    return record is not None and record["iter"] == json.loads(summary.read_text())["iterations"]
+        record = find_record(job.replica.directory, eval_options(list(job.options)))
+    else:
+        record = analysis_record(job.replica.directory, job.analysis, list(job.options))
+    return record is not None and record["iter"] == iterations
+
+
+def analysis_record(run_dir: Path, name: str, options: list[str]) -> dict[str, Any] | None:
+    """The recorded analysis ``name`` of ``run_dir`` if its options include ``options``."""
+    from bnbench.analysis import read_analysis
+    from bnbench.evaluate import canonical
+
+    record = read_analysis(run_dir, name)
+    if record is None:
+        return None
+    wanted = dict(o.split("=", 1) for o in options if "=" in o)
+    stored = record.get("options", {})
+    if any(canonical(stored.get(k)) != canonical(v) for k, v in wanted.items()):
+        return None
+    return record
 
 
 def run_job(job: Job) -> tuple[bool, str]:
-    """Run one job; its output goes to the terminal as usual. ``(ok, last error line)``."""
-    proc = subprocess.run(job.argv, stderr=subprocess.PIPE, text=True)
+    """Run one job; ``(ok, last error line)``. Training runs are ``bnbench train`` processes (so
+    Hydra's launchers apply); evaluations and analyses run in this process, through the
+    functions of ``bnbench eval``/``bnbench analyze`` (one interpreter and torch import for all
+    of them), on this machine."""
+    if job.kind == "train":
+        return run_process(job.argv)
+    try:
+        if job.kind == "eval":
+            evaluate_here(job)
+        else:
+            analyze_here(job)
+    except BnbenchError as err:
+        line = f"bnbench: error: {err}"
+        print(line, file=sys.stderr, flush=True)
+        return False, line
+    return True, ""
+
+
+def run_process(argv: tuple[str, ...]) -> tuple[bool, str]:
+    """A subprocess; its output goes to the terminal as usual. ``(ok, last error line)``."""
+    proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True)
     if proc.stderr:
         sys.stderr.write(proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -173,16 +276,34 @@ def run_job(job: Job) -> tuple[bool, str]:
     return proc.returncode == 0, (errors or lines or [f"exit status {proc.returncode}"])[-1]
 
 
+def evaluate_here(job: Job) -> None:
+    """``bnbench eval run=<replica> <options>``, in this process."""
+    from bnbench import eval_app
+
+    for evaluation in eval_app.validate_overrides([f"run={job.replica.directory}",
+                                                   *job.options]):
+        if eval_app.recorded(evaluation) is None:
+            record = eval_app.run_eval(evaluation)
+            eval_app.append_record(evaluation.run_dir, record)
+            print(f"  {evaluation.tag}: top-1 {record['top1']:.2f}%", flush=True)
+
+
+def analyze_here(job: Job) -> None:
+    """``bnbench analyze <name> run=<replica> <options>``, in this process."""
+    from bnbench import analysis
+
+    analysis.run_analysis(job.analysis, job.replica.directory, list(job.options))
+
+
 def execute(exp: Experiment) -> list[Outcome]:
     """Run every job that is not finished; a failed run's evaluations are not run."""
     todo = jobs(exp)
     outcomes: list[Outcome] = []
-    failed_runs: set[str] = set()
+    failed_runs: set[Replica] = set()
     durations: list[float] = []
     for index, job in enumerate(todo, 1):
-        what = f"[{index}/{len(todo)}] {job.kind} {job.run}" + (
-            f" / {job.label}" if job.kind == "eval" else "")
-        if job.run in failed_runs:
+        what = f"[{index}/{len(todo)}] {job.title}"
+        if job.replica in failed_runs:
             outcomes.append(Outcome(job, "not run", message="its training run failed"))
             continue
         if _finished(exp, job):
@@ -198,7 +319,7 @@ def execute(exp: Experiment) -> list[Outcome]:
         durations.append(seconds)
         outcomes.append(Outcome(job, "done" if ok else "failed", seconds, "" if ok else message))
         if not ok and job.kind == "train":
-            failed_runs.add(job.run)
+            failed_runs.add(job.replica)
     return outcomes
 
 
@@ -220,7 +341,8 @@ def record(exp: Experiment, outcomes: list[Outcome], argv: list[str], seconds: f
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "wall_s": round(seconds, 1),
-        "jobs": [{"kind": o.job.kind, "run": o.job.run, "label": o.job.label,
+        "jobs": [{"kind": o.job.kind, "run": o.job.run, "replica": o.job.replica.name,
+                  "label": o.job.label,
                   "status": o.status, "seconds": round(o.seconds, 1), "message": o.message}
                  for o in outcomes],
     })
@@ -267,9 +389,8 @@ def main(argv: list[str]) -> int:
     paths = write_report(exp)
     bad = [o for o in outcomes if o.status in ("failed", "not run")]
     for outcome in bad:
-        job = outcome.job
-        print(f"bnbench: {job.kind} {job.run}" + (f" / {job.label}" if job.kind == "eval" else "")
-              + f" {outcome.status}: {outcome.message}", file=sys.stderr)
+        print(f"bnbench: {outcome.job.title} {outcome.status}: {outcome.message}",
+              file=sys.stderr)
     print(f"experiment {name} ({exp.scale}): {len(outcomes) - len(bad)}/{len(outcomes)} jobs ok; "
           f"runs in {exp.directory}; report {paths[0]}", flush=True)
     return 1 if bad else 0

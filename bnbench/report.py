@@ -1,11 +1,26 @@
 """``bnbench report <paper>/<name> [scale=…]``: an experiment's table beside the paper's.
 
-Reads the experiment's runs (``<root>/<paper>/<name>/<scale>/``: each run's evaluation records and
-``experiment.json``) and writes ``<results>/<paper>/<name>.md`` and ``.csv`` (our cells beside the
-paper's, each labelled with its scale) and ``.png`` (the metric per column, one line per run), and
-checks the experiment's claims: ✔ or ✗ with the numbers behind them, or "no data". Nothing is
-written that the runs do not support: a missing run or evaluation is an empty cell, never a
-guess. The paper's numbers are data (``bnbench/papers/<paper>.yaml``), cited by table and section.
+Reads the experiment's runs (``<root>/<paper>/<name>/<scale>/``: each run's evaluation records,
+per-epoch ``metrics.jsonl``, analyses and ``experiment.json``) and writes
+``<results>/<paper>/<name>.md`` and ``.csv`` (our cells beside the paper's, each labelled with its
+scale) and ``.png`` (the figure), and checks the experiment's claims: ✔ or ✗ with the numbers
+behind them, or "no data". Nothing is written that the runs do not support: a missing run or
+evaluation is an empty cell, never a guess. The paper's numbers are data
+(``bnbench/papers/<paper>.yaml``), cited by table and section.
+
+A cell averages its replicas — the training runs of a row's sweep (seeds) times the evaluations
+of a column's sweep (PreciseBN subsets) — and shows ``mean ± std`` (sample std) when there are
+several. A claim compares cells (or analysis scalars, or differences of them):
+
+* ``better``/``worse``: ``better`` has the better metric (lower error, higher top-1) by more
+  than ``margin``;
+* ``larger``/``smaller``: the first is larger (smaller) than the second by more than ``margin``;
+* ``close``: the two differ by at most ``margin``.
+
+An operand is ``[row, column]`` (a cell), ``{analysis: label, run: row, scalar: name}``,
+``{diff: [a, b]}`` (a − b), ``{std: [row, column]}`` (a cell's spread) or ``{value: x}``.
+Where the operands have a seed spread, a difference that is not larger than twice it is ✗
+("within 2× the spread"): more seeds are needed to call it.
 """
 
 from __future__ import annotations
@@ -13,6 +28,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import statistics
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,17 +38,44 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bnbench.errors import BnbenchError
-from bnbench.experiment import Experiment, load
-
-Cells = dict[str, dict[str, float | None]]
+from bnbench.experiment import Experiment, Replica, load
 
 
-def paper_cells(reference: str) -> tuple[Cells, str]:
-    """The paper's cells of ``<paper>/<table>`` and their citation."""
+@dataclass(frozen=True)
+class Stat:
+    """A cell: the mean of its replicas, their sample std (0 for one) and how many."""
+
+    mean: float
+    std: float
+    n: int
+
+    @staticmethod
+    def of(values: list[float]) -> Stat | None:
+        if not values:
+            return None
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return Stat(statistics.fmean(values), std, len(values))
+
+
+Cells = dict[str, dict[str, "Stat | None"]]
+Curves = dict[str, dict[str, list[tuple[int, float]]]]
+
+
+def paper_entry(reference: str | None) -> dict[str, Any]:
+    """The paper's entry ``<paper>/<table>``: ``cells``, ``source`` and an optional ``note``."""
+    if not reference:
+        return {"cells": {}, "source": "no published numbers for this figure", "note": None}
     paper, table = reference.split("/", 1)
     text = (resources.files("bnbench.papers") / f"{paper}.yaml").read_text(encoding="utf-8")
     entry = OmegaConf.to_container(OmegaConf.create(text))[table]
-    return entry["cells"], entry["source"]
+    return {"cells": entry.get("cells") or {}, "source": entry["source"],
+            "note": entry.get("note")}
+
+
+def paper_cells(reference: str | None) -> Cells:
+    entry = paper_entry(reference)
+    return {row: {col: None if v is None else Stat(float(v), 0.0, 1) for col, v in cols.items()}
+            for row, cols in entry["cells"].items()}
 
 
 def eval_options(overrides: list[str]) -> dict[str, str]:
@@ -38,71 +83,203 @@ def eval_options(overrides: list[str]) -> dict[str, str]:
     return dict(o.split("=", 1) for o in overrides if "=" in o)
 
 
-def lookup(run_dir: Path, options: dict[str, str]) -> dict[str, Any] | None:
-    """The latest evaluation record of ``run_dir`` whose options include ``options``."""
-    from bnbench.evaluate import find_record
-
-    return find_record(run_dir, options)
-
-
-def our_cells(exp: Experiment) -> Cells:
-    """Our metric per (run, evaluation); ``None`` where the run or evaluation is missing."""
-    from bnbench.experiment import capped
-
-    cells: Cells = {}
-    for run in exp.spec["runs"]:
-        row = cells.setdefault(run, {})
-        for column, overrides in exp.spec.get("evals", {}).items():
-            rec = lookup(exp.run_dir(run), eval_options(capped(list(overrides))))
-            row[column] = None if rec is None else _metric(rec["top1"], exp.spec["metric"])
-    return cells
-
-
 def _metric(top1: float, metric: str) -> float:
     return 100.0 - top1 if metric == "error" else top1
 
 
-def check_claims(exp: Experiment, cells: Cells) -> list[dict[str, Any]]:
-    """Each claim ✔/✗ from our cells (lower is better for error, higher for top-1)."""
-    lower_is_better = exp.spec["metric"] == "error"
-    out = []
-    for claim in exp.spec.get("claims", []):
-        margin = float(claim.get("margin", 0.0))
-        if "close" in claim:
-            (r1, c1), (r2, c2) = claim["close"]
-            a, b = cells.get(r1, {}).get(c1), cells.get(r2, {}).get(c2)
-            ok = None if a is None or b is None else abs(a - b) <= margin
-            numbers = f"{r1} {c1} {_fmt(a)} vs {r2} {c2} {_fmt(b)} (|Δ| ≤ {margin:g}?)"
-        else:
-            (rb, cb), (rw, cw) = claim["better"], claim["worse"]
-            good, bad = cells.get(rb, {}).get(cb), cells.get(rw, {}).get(cw)
-            if good is None or bad is None:
-                ok = None
-            else:
-                ok = good < bad - margin if lower_is_better else good > bad + margin
-            numbers = f"{rb} {cb} {_fmt(good)} vs {rw} {cw} {_fmt(bad)}"
-        out.append({"text": claim["text"], "holds": ok, "numbers": numbers})
+def our_cells(exp: Experiment) -> Cells:
+    """Our metric per (row, column): the evaluations' columns, and for each curve its final
+    value and its mean over the epochs; ``None`` where nothing was measured."""
+    from bnbench.evaluate import find_record
+
+    cells: Cells = {}
+    evaluations = exp.evaluations()
+    curves = our_curves(exp)
+    for run in exp.spec["runs"]:
+        row = cells.setdefault(run, {})
+        replicas = exp.replicas(run)
+        for column, options_list in evaluations.items():
+            values = []
+            for replica in replicas:
+                for options in options_list:
+                    rec = find_record(replica.directory, eval_options(list(options)))
+                    if rec is not None:
+                        values.append(_metric(rec["top1"], exp.spec["metric"]))
+            row[column] = Stat.of(values)
+        for label in exp.spec.get("curves") or {}:
+            points = curves.get(run, {}).get(label, [])
+            row[label] = Stat.of([points[-1][1]] if points else [])
+            row[f"{label} (mean)"] = Stat.of([statistics.fmean(v for _, v in points)]
+                                             if points else [])
+    return cells
+
+
+def columns_of(exp: Experiment) -> list[str]:
+    curve_columns = [c for label in exp.spec.get("curves") or {} for c in (label,
+                     f"{label} (mean)")]
+    return [*(exp.spec.get("evals") or {}), *curve_columns]
+
+
+def _epoch_metrics(replica: Replica, stats: str, metric: str) -> dict[int, float]:
+    """The trainer's validation rows of one kind: epoch → metric (the last row per epoch)."""
+    path = replica.directory / "metrics.jsonl"
+    out: dict[int, float] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("split") == "val" and row.get("stats") == stats:
+            out[int(row["epoch"])] = _metric(row["top1"], metric)
     return out
 
 
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+def our_curves(exp: Experiment) -> Curves:
+    """Row → curve label → [(epoch, metric)], averaged over the row's replicas (epochs that
+    every finished replica has)."""
+    out: Curves = {}
+    for run in exp.spec["runs"]:
+        for label, stats in (exp.spec.get("curves") or {}).items():
+            per_replica = [_epoch_metrics(r, stats, exp.spec["metric"])
+                           for r in exp.replicas(run)]
+            per_replica = [m for m in per_replica if m]
+            if not per_replica:
+                continue
+            epochs = sorted(set.intersection(*(set(m) for m in per_replica)))
+            out.setdefault(run, {})[label] = [
+                (e, statistics.fmean(m[e] for m in per_replica)) for e in epochs]
+    return out
+
+
+def our_analyses(exp: Experiment) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Analysis label → row → the recorded results of its replicas."""
+    from bnbench.experiment import analysis_record
+
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for label, analysis in exp.analyses().items():
+        for run in analysis["runs"]:
+            results = []
+            for replica in exp.replicas(run):
+                rec = analysis_record(replica.directory, analysis["name"], analysis["options"])
+                if rec is not None:
+                    results.append(rec["result"])
+            out.setdefault(label, {})[run] = results
+    return out
+
+
+class Operands:
+    """Resolves a claim's operands against our cells and analyses."""
+
+    def __init__(self, cells: Cells, analyses: dict[str, dict[str, list[dict[str, Any]]]]):
+        self.cells, self.analyses = cells, analyses
+
+    def value(self, operand: Any) -> tuple[Stat | None, str]:
+        """The operand's value and how it reads."""
+        if isinstance(operand, dict) and "diff" in operand:
+            (a, na), (b, nb) = (self.value(o) for o in operand["diff"])
+            name = f"({na} − {nb})"
+            if a is None or b is None:
+                return None, name
+            return Stat(a.mean - b.mean, math.hypot(a.std, b.std), min(a.n, b.n)), name
+        if isinstance(operand, dict) and "value" in operand:
+            return Stat(float(operand["value"]), 0.0, 1), f"{operand['value']:g}"
+        if isinstance(operand, dict) and "std" in operand:
+            cell, name = self.value(operand["std"])
+            return (None if cell is None else Stat(cell.std, 0.0, 1)), f"std of {name}"
+        if isinstance(operand, dict):
+            results = self.analyses.get(operand["analysis"], {}).get(operand["run"], [])
+            values = [r["scalars"][operand["scalar"]] for r in results
+                      if r.get("scalars", {}).get(operand["scalar"]) is not None]
+            return Stat.of(values), f"{operand['run']} {operand['scalar']}"
+        row, column = operand
+        return self.cells.get(row, {}).get(column), f"{row} {column}"
+
+
+def check_claims(exp: Experiment, cells: Cells,
+                 analyses: dict[str, dict[str, list[dict[str, Any]]]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Each claim ✔/✗ (``holds`` True/False) or ``None`` (no data), with its numbers."""
+    operands = Operands(cells, analyses or {})
+    lower_is_better = exp.spec["metric"] == "error"
+    out = []
+    for claim in exp.spec.get("claims") or []:
+        margin = float(claim.get("margin", 0.0))
+        if "close" in claim:
+            (a, na), (b, nb) = (operands.value(o) for o in claim["close"])
+            holds = None if a is None or b is None else abs(a.mean - b.mean) <= margin
+            numbers = f"{na} {_fmt(a)} vs {nb} {_fmt(b)} (|Δ| ≤ {margin:g}?)"
+            out.append({"text": claim["text"], "holds": holds, "numbers": numbers})
+            continue
+        if "better" in claim:
+            first, second = claim["better"], claim["worse"]
+            sign = -1.0 if lower_is_better else 1.0
+        elif "larger" in claim:
+            first, second = claim["larger"]
+            sign = 1.0
+        else:
+            first, second = claim["smaller"]
+            sign = -1.0
+        (a, na), (b, nb) = operands.value(first), operands.value(second)
+        numbers = f"{na} {_fmt(a)} vs {nb} {_fmt(b)}"
+        holds = None
+        if a is not None and b is not None:
+            delta = sign * (a.mean - b.mean)  # > 0: the claim's direction
+            spread = 2 * max(a.std, b.std)
+            holds = delta > margin and delta > spread
+            numbers += f"; Δ = {delta:+.2f}" + (f" (margin {margin:g})" if margin else "")
+            if spread and not delta > spread:
+                numbers += f"; within 2× the seed spread ({spread:.2f})"
+        out.append({"text": claim["text"], "holds": holds, "numbers": numbers})
+    return out
+
+
+def _fmt(value: Stat | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value.mean:.2f}" + (f" ± {value.std:.2f}" if value.n > 1 else "")
 
 
 def _table(title: str, cells: Cells, rows: list[str], columns: list[str]) -> list[str]:
     lines = [f"**{title}**", "", "| | " + " | ".join(columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        values = [_fmt(cells.get(row, {}).get(c)) if cells.get(row, {}).get(c) is not None else ""
+        values = [_fmt(cells.get(row, {}).get(c)) if cells.get(row, {}).get(c) is not None
+                  else "" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    return [*lines, ""]
+
+
+def _plain_table(table: dict[str, dict[str, Any]]) -> list[str]:
+    """An analysis's ``{row: {column: value}}`` as markdown."""
+    columns = list(dict.fromkeys(c for cols in table.values() for c in cols))
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row, cols in table.items():
+        values = ["" if cols.get(c) is None else
+                  (f"{cols[c]:.4g}" if isinstance(cols[c], (int, float)) else str(cols[c]))
                   for c in columns]
         lines.append(f"| {row} | " + " | ".join(values) + " |")
     return [*lines, ""]
 
 
-def render(exp: Experiment, ours: Cells, paper: Cells, source: str,
-           claims: list[dict[str, Any]]) -> tuple[str, str]:
+def _replica_note(exp: Experiment) -> list[str]:
+    counts = {run: len(exp.replicas(run)) for run in exp.spec["runs"]}
+    sweeps = {c: len(o) for c, o in exp.evaluations().items() if len(o) > 1}
+    notes = []
+    if any(n > 1 for n in counts.values()):
+        notes.append("training runs per row: " + ", ".join(f"{r} {n}" for r, n in counts.items()))
+    if sweeps:
+        notes.append("evaluations per cell: " + ", ".join(f"{c} {n}" for c, n in sweeps.items()))
+    return [f"Cells are mean ± sample std over replicas ({'; '.join(notes)}).", ""] if notes else []
+
+
+def render(exp: Experiment, ours: Cells, paper: dict[str, Any], claims: list[dict[str, Any]],
+           curves: Curves | None = None,
+           analyses: dict[str, dict[str, list[dict[str, Any]]]] | None = None
+           ) -> tuple[str, str]:
     """The markdown and the CSV of the report."""
-    rows, columns = list(exp.spec["runs"]), list(exp.spec.get("evals", {}))
+    rows, columns = list(exp.spec["runs"]), columns_of(exp)
     metric = "validation error (%)" if exp.spec["metric"] == "error" else "top-1 (%)"
     info = _invocations(exp)
     md = [f"# {exp.spec['title']} — scale={exp.scale}", ""]
@@ -114,22 +291,52 @@ def render(exp: Experiment, ours: Cells, paper: Cells, source: str,
                "invocation(s)", ""]
     else:
         md += ["- No run of this experiment at this scale was found.", ""]
-    md += [f"Metric: {metric}. Empty cells: no run or evaluation (never estimated).", ""]
-    md += _table(f"Ours, scale={exp.scale} ({_scale_words(exp.scale)})", ours, rows, columns)
-    md += _table(f"Paper: {source}", paper, rows, columns)
+    if exp.spec.get("description"):
+        md += [exp.spec["description"].strip(), ""]
+    if columns:
+        md += [f"Metric: {metric}. Empty cells: no run or evaluation (never estimated).", ""]
+        md += _replica_note(exp)
+        md += _table(f"Ours, scale={exp.scale} ({_scale_words(exp.scale)})", ours, rows,
+                     columns)
+        p_cells = paper_cells(exp.spec.get("reference"))
+        if p_cells:
+            md += _table(f"Paper: {paper['source']}", p_cells, rows, columns)
+        else:
+            md += [f"Paper: {paper['source']}.", ""]
+        if paper.get("note"):
+            md += [f"Paper note: {paper['note']}", ""]
+    for run, by_label in (curves or {}).items():
+        epochs = sorted({e for points in by_label.values() for e, _ in points})
+        md += [f"**Per-epoch {metric}, {run}**", "",
+               "| epoch | " + " | ".join(str(e + 1) for e in epochs) + " |",
+               "|---" * (len(epochs) + 1) + "|"]
+        for label, points in by_label.items():
+            values = dict(points)
+            md.append(f"| {label} | " + " | ".join(
+                f"{values[e]:.2f}" if e in values else "" for e in epochs) + " |")
+        md.append("")
+    for label, by_run in (analyses or {}).items():
+        for run, results in by_run.items():
+            md += [f"**{label}: {run}**" + (f" (replica 1 of {len(results)})"
+                                            if len(results) > 1 else ""), ""]
+            md += _plain_table(results[0]["table"]) if results else ["(not run)", ""]
     md += ["## Claims", ""]
     for claim in claims:
         mark = {True: "✔", False: "✗", None: "no data"}[claim["holds"]]
         md.append(f"- {mark} {claim['text']} — {claim['numbers']}")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["row", "column", "source", "scale", exp.spec["metric"]])
-    for source_name, cells, scale in (("bnbench", ours, exp.scale), ("paper", paper, "paper")):
+    writer.writerow(["row", "column", "source", "scale", exp.spec["metric"], "std", "n"])
+    for source_name, cells, scale in (("bnbench", ours, exp.scale),
+                                      ("paper", paper_cells(exp.spec.get("reference")),
+                                       "paper")):
         for row in rows:
             for column in columns:
                 value = cells.get(row, {}).get(column)
                 writer.writerow([row, column, source_name, scale,
-                                 "" if value is None else f"{value:.4f}"])
+                                 "" if value is None else f"{value.mean:.4f}",
+                                 "" if value is None else f"{value.std:.4f}",
+                                 "" if value is None else value.n])
     return "\n".join(md) + "\n", buffer.getvalue()
 
 
@@ -144,26 +351,67 @@ def _invocations(exp: Experiment) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["invocations"] if path.exists() else []
 
 
-def plot(exp: Experiment, ours: Cells, paper: Cells, path: Path) -> None:
-    """The metric per column, one line per run (ours solid, the paper's dashed)."""
+def _plot_cells(ax: Any, exp: Experiment, cells: Cells, title: str) -> None:
+    """The metric: x = the columns, a line per row (``x: columns``) or the other way round."""
+    rows, columns = list(exp.spec["runs"]), list(exp.spec.get("evals") or {})
+    by_runs = exp.spec.get("x") == "runs"
+    xs, lines = (rows, columns) if by_runs else (columns, rows)
+    for line in lines:
+        stats = [cells.get(x, {}).get(line) if by_runs else cells.get(line, {}).get(x)
+                 for x in xs]
+        ys = [float("nan") if s is None else s.mean for s in stats]
+        errs = [0.0 if s is None else s.std for s in stats]
+        ax.errorbar(range(len(xs)), ys, yerr=errs, marker="o", capsize=3, label=line)
+    ax.set_xticks(range(len(xs)), xs, rotation=30)
+    ax.set_title(title)
+    ax.set_ylabel(exp.spec["metric"] + " (%)")
+    ax.legend(fontsize=7)
+
+
+def plot(exp: Experiment, ours: Cells, paper: Cells, curves: Curves,
+         analyses: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
+    """The figure: our cells (and the paper's), the curves per row, every analysis panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = list(exp.spec.get("evals", {}))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, cells, title in ((axes[0], ours, f"bnbench, scale={exp.scale}"),
-                             (axes[1], paper, "paper")):
-        for run in exp.spec["runs"]:
-            ys = [cells.get(run, {}).get(c) for c in columns]
-            ax.plot(range(len(columns)), [float("nan") if y is None else y for y in ys],
-                    marker="o", label=run)
-        ax.set_xticks(range(len(columns)), columns)
-        ax.set_title(title)
-        ax.set_ylabel(exp.spec["metric"] + " (%)")
-        ax.legend()
-    fig.suptitle(exp.spec["title"])
+    panels: list[Any] = []
+    if exp.spec.get("evals"):
+        panels.append(lambda ax: _plot_cells(ax, exp, ours, f"bnbench, scale={exp.scale}"))
+        if paper:
+            panels.append(lambda ax: _plot_cells(ax, exp, paper, "paper"))
+    for run, by_label in curves.items():
+        def draw(ax: Any, run: str = run, by_label: dict = by_label) -> None:
+            for label, points in by_label.items():
+                ax.plot([e + 1 for e, _ in points], [v for _, v in points], marker=".",
+                        label=label)
+            ax.set_title(run)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(exp.spec["metric"] + " (%)")
+            ax.legend(fontsize=7)
+        panels.append(draw)
+    for label, by_run in analyses.items():
+        from bnbench.analysis import ANALYSES
+
+        name = exp.analyses()[label]["name"]
+        for run, results in by_run.items():
+            if results:
+                def draw(ax: Any, result: dict = results[0], title: str = f"{label}: {run}",
+                         plot_fn: Any = ANALYSES[name].plot) -> None:
+                    plot_fn(result, ax)
+                    ax.set_title(title)
+                panels.append(draw)
+    if not panels:
+        panels.append(lambda ax: ax.text(0.5, 0.5, "no data", ha="center"))
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax, draw in zip(axes.flat, panels):
+        draw(ax)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{exp.spec['title']} (scale={exp.scale})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -172,9 +420,11 @@ def plot(exp: Experiment, ours: Cells, paper: Cells, path: Path) -> None:
 def write_report(exp: Experiment) -> list[Path]:
     """Write the report files; returns their paths (markdown first)."""
     ours = our_cells(exp)
-    paper, source = paper_cells(exp.spec["reference"])
-    claims = check_claims(exp, ours)
-    md, table = render(exp, ours, paper, source, claims)
+    curves = our_curves(exp)
+    analyses = our_analyses(exp)
+    paper = paper_entry(exp.spec.get("reference"))
+    claims = check_claims(exp, ours, analyses)
+    md, table = render(exp, ours, paper, claims, curves, analyses)
     out = exp.results / exp.name
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_suffix(".md"), out.with_suffix(".csv"), out.with_suffix(".png")]
@@ -182,7 +432,9 @@ def write_report(exp: Experiment) -> list[Path]:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
-    plot(exp, ours, paper, paths[2])
+    tmp_png = paths[2].with_name(f".{paths[2].stem}.tmp.png")
+    plot(exp, ours, paper_cells(exp.spec.get("reference")), curves, analyses, tmp_png)
+    tmp_png.replace(paths[2])
     return paths
 
 

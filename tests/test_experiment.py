@@ -93,3 +93,104 @@ def test_table2_killed_resumed_rerun_and_reported(tmp_path):
     rows = list(csv.DictReader((tmp_path / "res" / "rethinking" / "table2.csv").open()))
     assert all(r["error"] == "" for r in rows if r["source"] == "bnbench" and r["row"] == "NBS=2")
     assert "no data" in (tmp_path / "res" / "rethinking" / "table2.md").read_text()
+
+
+# -- the report's arithmetic on hand-written records (no training) ----------------------------
+
+
+def _spec(**extra) -> dict:
+    return {"title": "t", "reference": None, "metric": "error",
+            "runs": {"A": ["trainer.seed=0,1,2"], "B": ["norm=gn"]},
+            "evals": {"EMA": ["stats=ema"], "P": ["stats=precise", "precise.seed=0,1"]},
+            **extra}
+
+
+def _write_run(directory: Path, ema: float, precise: list[float], curve: list[float]) -> None:
+    directory.mkdir(parents=True)
+    (directory / "summary.json").write_text(json.dumps({"iterations": 10}))
+    rows = [{"tag": "stats=ema", "stats": "ema", "split": "val", "top1": ema, "iter": 10}]
+    rows += [{"tag": f"stats=precise,seed={s}", "stats": "precise", "split": "val",
+              "precise.seed": s, "top1": t, "iter": 10} for s, t in enumerate(precise)]
+    (directory / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = [{"epoch": e, "split": "val", "stats": "ema", "top1": t} for e, t in enumerate(curve)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+
+
+def _experiment(tmp_path: Path, spec: dict):
+    from bnbench.experiment import Experiment
+
+    return Experiment("paper/x", "smoke", spec, {"train": []}, tmp_path, tmp_path / "res")
+
+
+def test_replicas_of_a_swept_row_get_their_own_directories(tmp_path):
+    exp = _experiment(tmp_path, _spec())
+    a = exp.replicas("A")
+    assert [r.name for r in a] == [f"trainer.seed={s}" for s in range(3)]
+    assert [r.directory for r in a] == [tmp_path / "paper/x/smoke/A" / f"trainer.seed_{s}"
+                                        for s in range(3)]
+    (b,) = exp.replicas("B")
+    assert b.name == "" and b.directory == tmp_path / "paper/x/smoke/B"
+    assert exp.evaluations()["P"] == [("stats=precise", "precise.seed=0"),
+                                      ("stats=precise", "precise.seed=1")]
+
+
+def test_cells_average_replicas_and_claims_respect_the_spread(tmp_path):
+    import statistics
+
+    from bnbench.report import check_claims, our_cells
+
+    spec = _spec(curves={"curve": "ema"}, claims=[
+        {"text": "A beats B (EMA)", "better": ["A", "EMA"], "worse": ["B", "EMA"]},
+        {"text": "P beats EMA on A", "better": ["A", "P"], "worse": ["A", "EMA"]},
+        {"text": "gap", "larger": [{"diff": [["B", "EMA"], ["A", "EMA"]]}, {"value": 1.0}]},
+        {"text": "close", "close": [["A", "curve"], ["B", "curve"]], "margin": 5},
+        {"text": "missing", "better": ["A", "EMA"], "worse": ["C", "EMA"]},
+    ])
+    exp = _experiment(tmp_path, spec)
+    base = tmp_path / "paper/x/smoke"
+    emas = [80.0, 82.0, 84.0]
+    for seed, ema in enumerate(emas):
+        _write_run(base / "A" / f"trainer.seed_{seed}", ema, [ema + 1, ema + 3], [50.0, ema])
+    _write_run(base / "B", 70.0, [71.0, 71.0], [40.0, 70.0])
+    cells = our_cells(exp)
+    errors = [100 - e for e in emas]
+    assert cells["A"]["EMA"].mean == pytest.approx(statistics.fmean(errors))
+    assert cells["A"]["EMA"].std == pytest.approx(statistics.stdev(errors))
+    assert cells["A"]["EMA"].n == 3
+    precise = [100 - e - d for e in emas for d in (1, 3)]
+    assert cells["A"]["P"].mean == pytest.approx(statistics.fmean(precise))
+    assert cells["A"]["P"].n == 6
+    assert cells["A"]["curve"].mean == pytest.approx(statistics.fmean(errors))  # last epoch
+    assert cells["A"]["curve (mean)"].mean == pytest.approx(
+        statistics.fmean([statistics.fmean([50.0, e]) for e in errors]))
+    claims = {c["text"]: c for c in check_claims(exp, cells)}
+    assert claims["A beats B (EMA)"]["holds"] is True  # 18 vs 30: far beyond 2 × std (2)
+    # P is 2 points better than EMA on average, but its spread is ±1.5: not resolved
+    assert claims["P beats EMA on A"]["holds"] is False
+    assert "within 2× the seed spread" in claims["P beats EMA on A"]["numbers"]
+    assert claims["gap"]["holds"] is True  # 30 − 18 = 12 > 1
+    assert claims["close"]["holds"] is False  # |18 − 30| > 5
+    assert claims["missing"]["holds"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fig2", "fig3_4", "table1", "fig5", "fig6", "a2", "a3"])
+def test_experiment_end_to_end_at_smoke_scale(tmp_path, name):
+    """Every Rethinking §3–4 experiment runs at ``scale=smoke``: its report holds every cell,
+    a figure, and a decision for every claim."""
+    from bnbench.experiment import load
+
+    proc = _bnbench(tmp_path, "experiment", f"rethinking/{name}", "scale=smoke", "root=exp",
+                    "results=res")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "res" / "rethinking"
+    md = (out / f"{name}.md").read_text()
+    assert "scale=smoke" in md and "Git commit:" in md and "Wall time:" in md
+    assert (out / f"{name}.png").stat().st_size > 0
+    ours = [r for r in csv.DictReader((out / f"{name}.csv").open()) if r["source"] == "bnbench"]
+    assert all(r["error"] for r in ours)  # every cell measured
+    spec = load(f"rethinking/{name}", ["scale=smoke"]).spec
+    decided = [line for line in md.splitlines() if line.startswith(("- ✔", "- ✗"))]
+    assert len(decided) == len(spec.get("claims") or [])
+    for label in spec.get("analyses") or {}:
+        assert f"**{label}:" in md  # the analysis's table

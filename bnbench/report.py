@@ -308,7 +308,7 @@ def render(exp: Experiment, ours: Cells, paper: dict[str, Any], claims: list[dic
     for run, by_label in (curves or {}).items():
         epochs = sorted({e for points in by_label.values() for e, _ in points})
         md += [f"**Per-epoch {metric}, {run}**", "",
-               "| epoch | " + " | ".join(str(e + 1) for e in epochs) + " |",
+               "| epoch | " + " | ".join(str(e) for e in epochs) + " |",
                "|---" * (len(epochs) + 1) + "|"]
         for label, points in by_label.items():
             values = dict(points)
@@ -384,7 +384,7 @@ def plot(exp: Experiment, ours: Cells, paper: Cells, curves: Curves,
     for run, by_label in curves.items():
         def draw(ax: Any, run: str = run, by_label: dict = by_label) -> None:
             for label, points in by_label.items():
-                ax.plot([e + 1 for e, _ in points], [v for _, v in points], marker=".",
+                ax.plot([e for e, _ in points], [v for _, v in points], marker=".",
                         label=label)
             ax.set_title(run)
             ax.set_xlabel("epoch")

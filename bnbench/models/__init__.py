@@ -1,4 +1,5 @@
-"""ResNet-18/50 (torchvision's blocks) with the normalization layer injected from the registry."""
+"""ResNet-18/50 (torchvision's layout and state-dict keys) with the normalization layer injected
+from the registry."""
 
 from bnbench.models.resnet import build_model, resnet
 

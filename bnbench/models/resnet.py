@@ -1,10 +1,13 @@
-"""torchvision ResNets with two CPU-scale knobs: a width multiplier and a small-input stem.
+"""ResNets (He et al. 2016) as torchvision builds them, with two CPU-scale knobs: a width
+multiplier and a small-input stem.
 
 At ``width=1`` with the ImageNet stem the networks are exactly torchvision's ``resnet18`` /
-``resnet50`` (same modules, names and parameter shapes, so their state dicts load). The
-``small_input`` stem (3×3 stride-1 conv, no max-pool) is the usual CIFAR-style variant. Module
-names (``conv1``/``bn1``, ``layerK.i.convJ``/``bnJ``, ``downsample.0``/``.1``) are kept because
-Conv+CBN pairing relies on them.
+``resnet50`` (same modules in the same order, names and parameter shapes, so their state dicts
+load both ways). The ``small_input`` stem (3×3 stride-1 conv, no max-pool) is the usual
+CIFAR-style variant. Module names (``conv1``/``bn1``, ``layerK.i.convJ``/``bnJ``,
+``downsample.0``/``.1``) are kept because Conv+CBN pairing relies on them. The blocks are our
+own, not imported: importing torchvision imports ``torch._dynamo`` (about a second), which
+config validation (the model built on the meta device) does not need.
 """
 
 from __future__ import annotations
@@ -12,13 +15,88 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torch import Tensor, nn
 
 from bnbench import norm as norms
 from bnbench.errors import BnbenchError
 
-ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
+NormLayer = Callable[[int], nn.Module]
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34's residual block (He et al. 2016, Fig. 2): two 3×3 convs, each followed by
+    the norm layer, a ReLU after the first and after the sum with the shortcut. The stride is
+    on the first conv (and on ``downsample``). Attribute names, registration order and shapes
+    are torchvision's ``BasicBlock``'s, so state-dict keys match."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        *,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50's residual block (He et al. 2016, Fig. 5): 1×1 reduce, 3×3, 1×1 expand to
+    ``4·planes``, each conv followed by the norm layer; ReLUs as in :class:`BasicBlock`. The
+    stride is on the 3×3 conv (torchvision's "ResNet v1.5"; the paper puts it on the first 1×1).
+    Attribute names, registration order and shapes are torchvision's ``Bottleneck``'s, so
+    state-dict keys match."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        *,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        outplanes = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = nn.Conv2d(planes, outplanes, 1, bias=False)
+        self.bn3 = norm_layer(outplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+Block = type[BasicBlock] | type[Bottleneck]
+
+ARCHS: dict[str, tuple[Block, list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
@@ -26,16 +104,17 @@ ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
 
 
 class ResNet(nn.Module):
-    """torchvision's ResNet, with stage widths ``round(64·2^i·width)``."""
+    """torchvision's ResNet (stem, four stages, average pool, ``fc``), with stage widths
+    ``round(64·2^i·width)``."""
 
     def __init__(
         self,
-        block: type[nn.Module],
+        block: Block,
         layers: list[int],
         num_classes: int,
         width: float = 1.0,
         small_input: bool = False,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        norm_layer: NormLayer = nn.BatchNorm2d,
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
@@ -56,24 +135,17 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            # (Not on the meta device, which has no values: its normal_ imports torch._dynamo.)
+            if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if zero_init_residual:
+        if zero_init_residual:  # every residual branch starts at zero (its last norm's γ = 0)
             for m in self.modules():
-                last = (
-                    getattr(m, "bn3", None)
-                    if isinstance(m, Bottleneck)
-                    else getattr(m, "bn2", None)
-                )
-                if (
-                    isinstance(m, (BasicBlock, Bottleneck))
-                    and getattr(last, "weight", None) is not None
-                ):
-                    nn.init.zeros_(last.weight)
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    last = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+                    if getattr(last, "weight", None) is not None:
+                        nn.init.zeros_(last.weight)
 
-    def _make_layer(
-        self, block: type[nn.Module], planes: int, blocks: int, stride: int
-    ) -> nn.Sequential:
+    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(

@@ -38,7 +38,9 @@ which normalize with explicit tensor ops.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -55,6 +57,28 @@ from bnbench.errors import BnbenchError, check_positive
 StatsObserver = Callable[["BatchNorm2d", int, Tensor, Tensor, int], None]
 
 EVAL_STATS = ("population", "batch")
+
+
+def run_eagerly(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``@torch.compiler.disable``, applied on the first call that a compile can see rather than
+    at import: ``fn`` runs eagerly, outside the graph, under ``torch.compile``. Decorating at
+    import would import ``torch._dynamo`` (about a second), which building the layers (config
+    validation builds the model on the meta device) does not need. Without ``torch._dynamo``
+    imported nothing can be compiling (``torch.compile`` imports it), and ``fn`` runs as is.
+    (When the first such call is inside a trace, the disabled ``fn`` is made there: one more
+    graph break and a recompile of the wrapper, on the first compiled step only.)"""
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if not torch.compiler.is_compiling() and "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
 
 
 def check_momentum(momentum: float) -> float:

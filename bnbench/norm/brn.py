@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d, Ema, batch_moments, update_population
+from bnbench.norm.base import BatchNorm2d, Ema, batch_moments, run_eagerly, update_population
 
 EMA = ("std", "var")
 
@@ -86,7 +86,7 @@ class BatchRenorm2d(BatchNorm2d):
 
     # Not traced into a compiled model: the step reads the EMA that it then updates, and a traced
     # backward may recompute r, d from the updated buffers. The layer runs eagerly there.
-    @torch.compiler.disable
+    @run_eagerly
     def _train_forward(self, x: Tensor) -> Tensor:
         if self.rmax == 1.0 and self.dmax == 0.0 and self.ema == "var":  # BN, always
             return super()._train_forward(x)

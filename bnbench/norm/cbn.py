@@ -92,7 +92,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from bnbench.errors import BnbenchError, check_positive
-from bnbench.norm.base import BatchNorm2d, batch_moments, update_population
+from bnbench.norm.base import BatchNorm2d, batch_moments, run_eagerly, update_population
 
 CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "window", "burnin", "rho",
                          "neg_var", "jacobian_dtype"})
@@ -417,7 +417,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
 
     # Not traced into a compiled model (as BRN): the step reads history buffers that it then
     # updates, and a traced backward may recompute from the updated ones.
-    @torch.compiler.disable
+    @run_eagerly
     def _train_forward(self, x: Tensor) -> Tensor:
         # The burn-in reads the iteration count back (a device sync) only when there is one.
         if self.window == 1 or (self.burnin and int(self.num_batches_tracked) < self.burnin):

@@ -29,6 +29,10 @@ output. Cost references ``cbn_floor`` and ``cbn_official_jac`` (step only): the 
 the Jacobian work of an exact CBN (one weight-gradient conv per conv, the notes' method) or of the
 official code (two ``autograd.grad`` passes per conv).
 
+Simulated devices: a row of a per-device variant with ``nbs`` (``cbn:nbs=8``: 8 devices of the
+default batch of 64) also gets its step ratio over the ratio of the same variant without ``nbs``
+(one device), ``step.vs_one_device`` and a note: each ratio against its own interleaved baseline.
+
 States: the baseline's BN layers get a large ``num_batches_tracked``, which ``convert`` copies, so
 BRN runs past its warm-up (r_max/d_max at their final values) and CBN past burn-in, its window
 full after ``--warmup`` untimed iterations. SyncBN runs in a one-process gloo group; domain BN
@@ -78,8 +82,8 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 }
 #: The default variant list (``name`` or ``name:key=value:…``), in table order.
 DEFAULT_VARIANTS = ("bn", "ghost", "ghost:nbs=2", "syncbn", "frozen", "batch_eval", "brn", "gn",
-                    "ln", "in", "cbn", "cbn:jacobian_dtype=bfloat16", "naive_cbn", "cbn_floor",
-                    "cbn_official_jac", "domain")
+                    "ln", "in", "cbn", "cbn:nbs=8", "cbn:jacobian_dtype=bfloat16", "naive_cbn",
+                    "cbn_floor", "cbn_official_jac", "domain")
 #: Cost references for CBN (step only): the BN model plus the Jacobian work of an exact CBN.
 REFERENCES = {
     "cbn_floor": "cost reference: BN + one weight-gradient conv per conv (∂σ²/∂W, the notes' "
@@ -737,12 +741,34 @@ def run_bench(args: argparse.Namespace, variants: list[Variant], device: torch.d
         except Exception as err:
             precise = {"error": _error(err), "traceback": traceback.format_exc()}
             log(f"    {precise['error']}")
+    compare_devices(rows, args.model_batch)
     for row in rows.values():
         states = {f"{part}: {r['state']}"
                   for part, results in (("layer", row["layers"]), ("step", [row["step"] or {}]))
                   for r in results if r.get("state")}
         row["notes"].extend(sorted(states))
     return list(rows.values()), precise, measurements
+
+
+def compare_devices(rows: dict[str, dict[str, Any]], batch: int) -> None:
+    """Each step row of a per-device variant with ``nbs`` (``batch / nbs`` simulated devices)
+    gets ``vs_one_device``: its ratio to the baseline over the ratio of the row with the same
+    options but ``nbs`` (one device), and a note saying so. Rows without both steps: nothing."""
+    from bnbench.plan import PER_DEVICE
+
+    for row in rows.values():
+        options = dict(row["options"])
+        nbs = options.pop("nbs", None)
+        one = next((r for r in rows.values() if r["name"] == row["name"]
+                    and r["options"] == options), None)
+        if nbs is None or row["name"] not in PER_DEVICE or one is None:
+            continue
+        step, one_step = row["step"] or {}, one["step"] or {}
+        if "ratio" not in step or "ratio" not in one_step:
+            continue
+        step["vs_one_device"] = step["ratio"] / one_step["ratio"]
+        row["notes"].append(f"step {step['vs_one_device']:.2f}× {one['variant']} ({batch // nbs} "
+                            f"devices of {nbs} vs one of {batch})")
 
 
 # -- reporting ----------------------------------------------------------------------------------

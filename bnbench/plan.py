@@ -10,10 +10,12 @@ layers keep the mechanism (how a group of samples is normalized); the plan is th
 =====================  ============================================================================
 ``per_process``        SGD batch of one process (``trainer.batch_size``), what both papers vary
 ``global_batch``       SGD batch: ``per_process × processes``; the learning rate scales with it
-``normalization``      samples one training normalization batch holds: ``norm.nbs`` (GhostBN),
-                       ``per_process × sync_processes`` (SyncBN), ``per_process`` (BN, BRN, CBN,
-                       ...), ``None`` for batch-independent layers (GN, LN, IN)
+``normalization``      samples one training normalization batch holds: ``norm.nbs`` (GhostBN;
+                       the simulated devices' batch of BRN, CBN, naive CBN), ``per_process ×
+                       sync_processes`` (SyncBN), ``per_process`` (BN, BRN, CBN, ...), ``None``
+                       for batch-independent layers (GN, LN, IN)
 ``remainder``          samples of a smaller last group when ``nbs`` does not divide the batch
+                       (GhostBN; the per-device variants refuse it: devices have equal batches)
 ``sync_processes``     processes one normalization batch spans (SyncBN's ``norm.group_size``)
 ``evaluation``         samples per normalization batch at inference with mini-batch statistics
                        (``norm.eval_nbs``, default the training one); ``None``: population
@@ -38,6 +40,9 @@ from bnbench.errors import BnbenchError
 
 #: Variants whose normalization does not depend on the batch.
 BATCH_FREE = ("gn", "ln", "in")
+#: Variants that read ``nbs`` as simulated devices of ``nbs`` samples each (equal batches: CBN
+#: keeps a fixed-shape window per device).
+PER_DEVICE = ("brn", "cbn", "naive_cbn")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,10 @@ def batch_plan(cfg: Any, processes: int, train_size: int | None = None) -> Batch
         raise BnbenchError(
             f"norm.nbs={nbs} exceeds the per-process batch trainer.batch_size={per_process}: "
             "a normalization batch above it is SyncBN (+norm=syncbn)")
+    if nbs is not None and name in PER_DEVICE and per_process % nbs:
+        raise BnbenchError(
+            f"norm.nbs={nbs}: norm={name} simulates devices of nbs samples each, so nbs must "
+            f"divide the per-process batch trainer.batch_size={per_process}")
     sync = _sync_processes(name, norm.get("group_size"), processes)
     if name in BATCH_FREE:
         normalization, remainder = None, 0

@@ -133,6 +133,43 @@ def test_brn_is_measured_past_its_schedules():
     assert bench.state_note(module) == "r_max,d_max=3,5"
 
 
+def test_cbn_with_nbs_steps_simulated_devices():
+    """``cbn:nbs=4`` on the quick step (batch 16): every CBN layer keeps 4 devices' windows, the
+    loss stays finite."""
+    from bnbench.norm.cbn import CrossIterationBatchNorm2d
+
+    args = bench._resolve(bench.build_parser().parse_args(["--quick"]))
+    (variant,) = bench.parse_variants("cbn:nbs=4:window=2")
+    base, var, module, finite = bench.model_cases(variant, args, torch.device("cpu"), 0)
+    for _ in range(2):
+        base.iteration()
+        var.iteration()
+    layers = [m for m in module.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert layers and all(m.history_devices() == 4 for m in layers)
+    assert bench.state_note(module) == f"window full in {len(layers)}/{len(layers)} layers"
+    assert finite()
+
+
+def test_nbs_rows_are_compared_with_their_one_device_row():
+    def row(label, name, options, ratio=None):
+        step = None if ratio is None else {"ratio": ratio}
+        return {"variant": label, "name": name, "options": options, "step": step, "notes": []}
+
+    rows = {r["variant"]: r for r in [
+        row("cbn(window=4)", "cbn", {"window": 4, "burnin": 0}, 2.0),
+        row("cbn(window=4,nbs=8)", "cbn", {"window": 4, "burnin": 0, "nbs": 8}, 2.5),
+        row("ghost(nbs=8)", "ghost", {"nbs": 8}, 1.1),  # not per device
+        row("naive_cbn(window=4,nbs=8)", "naive_cbn", {"window": 4, "burnin": 0, "nbs": 8}, 1.5),
+        row("brn", "brn", {}), row("brn(nbs=8)", "brn", {"nbs": 8}, 1.2),  # brn: no step
+    ]}
+    bench.compare_devices(rows, 64)
+    cbn = rows["cbn(window=4,nbs=8)"]
+    assert cbn["step"]["vs_one_device"] == pytest.approx(1.25)
+    assert cbn["notes"] == ["step 1.25× cbn(window=4) (8 devices of 8 vs one of 64)"]
+    for label in ("cbn(window=4)", "ghost(nbs=8)", "naive_cbn(window=4,nbs=8)", "brn(nbs=8)"):
+        assert "vs_one_device" not in (rows[label]["step"] or {}) and not rows[label]["notes"]
+
+
 @pytest.mark.parametrize("kind,per_conv", [("cbn_floor", 1), ("cbn_official_jac", 2)])
 def test_cbn_cost_references_do_the_jacobian_work_and_change_nothing(kind, per_conv):
     """The reference rows add the Jacobian passes (counted: weight-gradient convolutions in the

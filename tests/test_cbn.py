@@ -130,8 +130,6 @@ def test_options_and_validation():
     for bad in (float("nan"), "1", None):
         with pytest.raises(BnbenchError, match="rho"):
             CrossIterationBatchNorm2d(4, rho=bad)
-    with pytest.raises(BnbenchError, match="nbs"):
-        CrossIterationBatchNorm2d(4, nbs=2)
     with pytest.raises(BnbenchError, match="channels"):
         CrossIterationBatchNorm2d(4).pair(nn.Conv2d(3, 5, 1))
 
@@ -615,3 +613,136 @@ def test_half_precision_model_keeps_a_float32_history():
     for name, value in before.items():
         assert torch.equal(getattr(layer, name), value), name
     assert layer.running_var.dtype == torch.bfloat16  # the rest is cast as PyTorch casts BN
+
+
+# -- simulated devices (nbs) ----------------------------------------------------------------------
+def _device_block(name: str, value: torch.Tensor, device: int, devices: int) -> torch.Tensor:
+    """Device ``device``'s part of a history buffer of ``devices`` devices (see the layer's
+    docstring: ``hist_dvar`` is channel-major, the others have the devices in dim 1)."""
+    return value.chunk(devices, 0 if name == "hist_dvar" else 1)[device]
+
+
+@pytest.mark.parametrize("spec", [
+    dict(window=3, burnin=1),
+    dict(cin=4, cout=6, stride=2, bias=True, groups=2, window=3, rho=0.7, neg_var="drop"),
+    dict(padding_mode="reflect", bias=True, window=2),
+    dict(window=3, rho=0.0),  # naive CBN
+    dict(window=3, jacobian_dtype="bfloat16", dtype=torch.float32),
+], ids=["cbn", "groups-bias-drop", "reflect", "naive", "bf16-jacobian"])
+def test_devices_equal_separate_layers_with_shared_weights(spec):
+    """``nbs=n`` on a batch of ``G·n``: ``G`` separate conv+CBN copies, each fed its own slice,
+    weights shared (gradients summed, one SGD update), give the same outputs, input and weight
+    gradients, per-device histories (the layer's device blocks) and, averaged, the EMA — over
+    steps through burn-in and a full window."""
+    devices, n, lr = 3, 2, 0.1
+    dtype = spec.get("dtype", D)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    conv, layer = _pair(nbs=n, **spec)
+    copies = [_pair(**spec) for _ in range(devices)]  # the same init (seeded)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        x = (torch.randn(devices * n, conv.in_channels, 6, 6, generator=gen) + 0.5).to(dtype)
+        x.requires_grad_(True)
+        out = layer(conv(x))
+        g = torch.randn(out.shape, generator=gen).to(dtype)
+        params = [*conv.parameters(), *layer.parameters()]
+        dx, *grads = torch.autograd.grad(out, [x, *params], g)
+        ref_out, ref_dx, ref_grads = [], [], [torch.zeros_like(p) for p in params]
+        for (c, lay), xs, gs in zip(copies, x.detach().split(n), g.split(n)):
+            xs = xs.clone().requires_grad_(True)
+            o = lay(c(xs))
+            d, *gr = torch.autograd.grad(o, [xs, *c.parameters(), *lay.parameters()], gs)
+            ref_out.append(o.detach())
+            ref_dx.append(d)
+            ref_grads = [a + b for a, b in zip(ref_grads, gr)]
+        torch.testing.assert_close(out.detach(), torch.cat(ref_out), **tol)
+        torch.testing.assert_close(dx, torch.cat(ref_dx), **tol)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, **tol)
+        with torch.no_grad():  # SGD on the shared weights: every copy the same update
+            for p, grad in zip(params, grads):
+                p.sub_(lr * grad)
+            for c, lay in copies:
+                for p, grad in zip([*c.parameters(), *lay.parameters()], ref_grads):
+                    p.sub_(lr * grad)
+    assert layer.history_devices() == devices
+    assert layer.history_length() == copies[0][1].history_length() == spec["window"] - 1
+    state = layer.state_dict()
+    for name, value in state.items():
+        refs = [lay.state_dict()[name] for _, lay in copies]
+        if name.startswith("running_"):  # the EMA: the devices' buffers averaged
+            torch.testing.assert_close(value, sum(refs) / devices, **tol)
+        elif name in ("weight", "bias", "hist_state", "num_batches_tracked"):  # shared
+            for ref in refs:
+                torch.testing.assert_close(value, ref, **tol, msg=name)
+        elif value.numel():
+            for device, ref in enumerate(refs):
+                close = tol
+                if spec.get("jacobian_dtype") == "bfloat16" and name.startswith("hist_dvar"):
+                    # y − c rounded to bf16: an fp32 ulp apart (weights) can round 2⁻⁸ apart
+                    close = {"rtol": 0.0, "atol": 1e-2 * float(ref.abs().max())}
+                torch.testing.assert_close(_device_block(name, value, device, devices), ref,
+                                           **close, msg=f"{name} of device {device}")
+
+
+def test_devices_jacobians_are_one_grouped_pass(monkeypatch):
+    """The per-device Jacobians cost one weight-gradient pass over the batch (grouped by
+    device), not one per device: two ``conv2d_weight`` calls per step (∂μ/∂W, ∂σ²/∂W) for any
+    number of devices."""
+    from bnbench.norm import cbn
+
+    groups, real = [], cbn.conv2d_weight
+    monkeypatch.setattr(cbn, "conv2d_weight", lambda *a: groups.append(a[-1]) or real(*a))
+    conv, layer = _pair(cin=4, cout=6, groups=2, window=2, nbs=2)
+    layer(conv(torch.randn(8, 4, 5, 5, dtype=D)))
+    assert layer.history_devices() == 4
+    assert groups == [4, 8]  # ∂μ/∂W: a group per device; ∂σ²/∂W: per device and conv group
+
+
+def test_devices_checkpoint_round_trip_keeps_every_device_history():
+    """A ResNet with ``nbs=2`` on batches of 4 (2 devices): the state dict holds both devices'
+    windows; a fresh model (one device's buffers, never run) loads them and continues
+    bit-identically; so does an unpaired layer."""
+    model = _small_resnet(0, window=3, burnin=1, nbs=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _train(model, opt, 4, seed=1)
+    state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    c = model.layer1[0].bn1.num_features
+    assert state["layer1.0.bn1.hist_mean"].shape == (2, 2 * c)
+    assert state["layer1.0.bn1.hist_dvar"].shape[0] == 2 * c
+    halves = state["layer1.0.bn1.hist_mean"].chunk(2, 1)
+    assert not torch.equal(*halves)  # two devices, two histories
+    fresh = _small_resnet(7, window=3, burnin=1, nbs=2)
+    assert fresh.layer1[0].bn1.history_devices() == 1
+    fresh.load_state_dict(state)
+    assert fresh.layer1[0].bn1.history_devices() == 2
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    fresh_opt.load_state_dict(opt_state)
+    for a, b in zip(_train(model, opt, 3, seed=2), _train(fresh, fresh_opt, 3, seed=2)):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    conv, layer = _pair(window=3, nbs=2)
+    for _ in range(3):
+        layer(conv(torch.randn(6, 3, 4, 4, dtype=D)))
+    unpaired = CrossIterationBatchNorm2d(4, window=3, nbs=2).to(D)
+    unpaired.load_state_dict(layer.state_dict())
+    unpaired.pair(conv)  # the loaded shapes fit the conv: the history is kept
+    assert unpaired.history_devices() == 3 and unpaired.history_length() == 2
+    for name, value in layer.state_dict().items():
+        assert torch.equal(unpaired.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("options,batches,needle", [
+    ({"nbs": 2}, [5], "nbs=2 simulates devices of 2 samples each, but the batch has 5 samples"),
+    ({"nbs": 4}, [2], "nbs=4 simulates devices of 4 samples each, but the batch has 2 samples"),
+    ({"nbs": 2, "rho": 0.0}, [5], "not a multiple of 2"),
+    ({"nbs": 2}, [4, 6], r"holds the windows of 2 device\(s\) \(nbs=2\) but a batch of 6"),
+    ({"nbs": 2, "burnin": 1}, [3], "not a multiple of 2"),  # refused in burn-in too
+])
+def test_devices_bad_batches_are_one_line(options, batches, needle):
+    conv, layer = _pair(window=2, **options)
+    with pytest.raises(BnbenchError, match=needle) as info:
+        for size in batches:
+            layer(conv(torch.randn(size, 3, 4, 4, dtype=D)))
+    assert "\n" not in str(info.value)

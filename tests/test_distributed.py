@@ -1,7 +1,8 @@
 """Multi-process behaviour with 2 gloo processes on CPU.
 
 Layer level (spawned workers, :mod:`dist_helpers`): SyncBN ≡ BN of the concatenated batch,
-PreciseBN over ranks ≡ one process, ShuffleBN ≡ a manual shuffle → per-group BN → un-shuffle.
+PreciseBN over ranks ≡ one process, ShuffleBN ≡ a manual shuffle → per-group BN → un-shuffle,
+per-process BRN/CBN/naive CBN ≡ one process whose ``nbs`` simulates the processes.
 Run level (the real CLI under torchrun / ``dist.nproc``): 2 ranks × b ≡ 1 process × 2b, one run
 dir, kill + resume, a failing rank ends the run. SLURM: the environment mapping.
 """
@@ -232,6 +233,118 @@ def test_shuffle_bn_single_process_is_identity():
     net = small_net()
     x = batch(0, [6])[0]
     torch.testing.assert_close(ShuffleBN(net)(x), small_net()(x), **TOL)
+
+
+# -- per-device variants: nbs simulates processes ------------------------------------------
+#: ``name → (norm, options, EMA averaged every step)``: BRN's r, d read the EMA, so the
+#: processes average it after every step (what ``nbs`` simulates); CBN's EMA does not feed back,
+#: and is averaged once at the end, as the trainer does (``dist.ema_sync=average``).
+DEVICE_CASES = {
+    "cbn": ("cbn", {"window": 3, "burnin": 1, "momentum": 0.3}, False),
+    "naive_cbn": ("naive_cbn", {"window": 3, "burnin": 1, "momentum": 0.3, "neg_var": "drop"},
+                  False),
+    "brn": ("brn", {"rmax": 1.5, "dmax": 0.3, "warmup_iters": 0, "rmax_iters": 0,
+                    "dmax_iters": 0, "momentum": 0.3}, True),
+}
+DEVICE_B, DEVICE_STEPS, DEVICE_LR = 4, 5, 0.05
+
+
+def _device_net(name: str, options: dict) -> torch.nn.Module:
+    """:func:`small_net` (two conv+norm pairs, float64, fixed init), CBN paired with its convs."""
+    from bnbench.norm.cbn import pair_convs
+
+    net = small_net(name, **options)
+    pair_convs(net)
+    return net
+
+
+def _device_sgd(net: torch.nn.Module, rows: slice, after_backward) -> dict:
+    """``DEVICE_STEPS`` SGD steps on ``rows`` of each step's batch of ``2·DEVICE_B`` (loss
+    ``Σ y·w``); ``after_backward(net)`` runs before each update. The outputs and input gradients
+    of every step, the last gradients, and the final state dict."""
+    ys, dxs = [], []
+    for step in range(DEVICE_STEPS):
+        gen = torch.Generator().manual_seed(100 + step)
+        x = torch.randn(2 * DEVICE_B, C, 3, 3, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+        w = torch.randn(2 * DEVICE_B, 3, generator=gen, dtype=torch.float64)
+        x = x[rows].clone().requires_grad_(True)
+        net.zero_grad()
+        y = net(x)
+        (y * w[rows]).sum().backward()
+        after_backward(net)
+        ys.append(y.detach())
+        dxs.append(x.grad)
+        grads = {k: p.grad.clone() for k, p in net.named_parameters()}
+        with torch.no_grad():
+            for p in net.parameters():
+                p.sub_(DEVICE_LR * p.grad)
+    return {"y": ys, "dx": dxs, "grads": grads,
+            "state": {k: v.clone() for k, v in net.state_dict().items()}}
+
+
+def per_device_worker(rank: int, world: int, case: str) -> dict:
+    """One process of ``world``, batch ``DEVICE_B``, per-process ``case``; gradients summed over
+    the processes (DDP averages: a scale of the loss), EMA averaged by the trainer's function."""
+    import torch.distributed as dist
+
+    from bnbench.evaluate import sync_population_stats
+
+    name, options, every_step = DEVICE_CASES[case]
+
+    def after_backward(net: torch.nn.Module) -> None:
+        for p in net.parameters():
+            dist.all_reduce(p.grad)
+        if every_step:
+            sync_population_stats(net, "average")
+
+    net = _device_net(name, options)
+    out = _device_sgd(net, slice(rank * DEVICE_B, (rank + 1) * DEVICE_B), after_backward)
+    sync_population_stats(net, "average")
+    out["state"] = {k: v.clone() for k, v in net.state_dict().items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def device_runs():
+    return run_jobs([(case, per_device_worker, (case,)) for case in DEVICE_CASES])
+
+
+def _device_block(key: str, value: torch.Tensor, rank: int, devices: int) -> torch.Tensor:
+    """Device ``rank``'s part of a CBN history buffer (``hist_dvar`` is channel-major)."""
+    return value.chunk(devices, 0 if key.endswith(".hist_dvar") else 1)[rank]
+
+
+@pytest.mark.parametrize("case", list(DEVICE_CASES))
+def test_processes_equal_one_process_with_nbs_devices(case, device_runs):
+    """2 gloo processes × b with per-process ``case`` ≡ 1 process with batch 2b and ``nbs=b``,
+    over several SGD steps in float64: every step's outputs and input gradients, the summed
+    weight gradients, the weights, the averaged EMA, and each process's CBN window (its device's
+    block of the history buffers)."""
+    outs = results(device_runs, case)
+    name, options, _ = DEVICE_CASES[case]
+    ref = _device_sgd(_device_net(name, {**options, "nbs": DEVICE_B}), slice(None),
+                      lambda net: None)
+    histories = 0
+    for rank, out in enumerate(outs):
+        rows = slice(rank * DEVICE_B, (rank + 1) * DEVICE_B)
+        for step in range(DEVICE_STEPS):
+            torch.testing.assert_close(out["y"][step], ref["y"][step][rows], **TOL)
+            torch.testing.assert_close(out["dx"][step], ref["dx"][step][rows], **TOL)
+        for key, grad in ref["grads"].items():
+            torch.testing.assert_close(out["grads"][key], grad, **TOL, msg=key)
+        assert out["state"].keys() == ref["state"].keys()
+        for key, value in ref["state"].items():
+            buffer = key.rsplit(".", 1)[1]
+            if buffer.startswith("hist_") and buffer != "hist_state" and value.numel():
+                value = _device_block(key, value, rank, 2)
+                histories += 1
+            torch.testing.assert_close(out["state"][key], value, **TOL, msg=key)
+    # ranks × layers × history buffers (naive CBN keeps no Jacobians)
+    assert histories == (0 if name == "brn" else 2 * 2 * (6 if name == "cbn" else 2))
+    if name != "brn":
+        key = "4.hist_mean"  # the processes' windows differ: each kept its own
+        assert not torch.equal(outs[0]["state"][key], outs[1]["state"][key])
+        assert int(outs[0]["state"]["4.hist_state"][0]) == 2
 
 
 # -- SLURM ----------------------------------------------------------------------------------
@@ -587,11 +700,14 @@ def test_killed_two_rank_run_resumes_exactly(bn_two_ranks, tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_killed_two_rank_cbn_run_resumes_each_ranks_history(tmp_path, cache):
+@pytest.mark.parametrize("nbs", [None, B // 2], ids=["per-process", "nbs"])
+def test_killed_two_rank_cbn_run_resumes_each_ranks_history(nbs, tmp_path, cache):
     """CBN's window history differs per rank: each rank's checkpoint shard brings back its own
-    (resuming every rank from rank 0's history would change rank 1's normalization)."""
+    (resuming every rank from rank 0's history would change rank 1's normalization); with
+    ``nbs`` each rank's history holds the windows of its simulated devices."""
     args = ["train", *TINY, f"trainer.batch_size={B}", "trainer.epochs=3", "+norm=cbn",
-            "norm.burnin_epochs=0.5", "hydra.run.dir=run"]
+            "norm.burnin_epochs=0.5", *([f"norm.nbs={nbs}"] if nbs else []),
+            "hydra.run.dir=run"]
     ref = tmp_path / "ref"
     ref.mkdir()
     _ok(bnbench(*args, cwd=ref, cache=cache, torchrun=2))
@@ -603,12 +719,21 @@ def test_killed_two_rank_cbn_run_resumes_each_ranks_history(tmp_path, cache):
               for r in (0, 1)]
     key = "layer1.0.bn1.hist_mean"
     assert not torch.equal(shards[0]["buffers"][key], shards[1]["buffers"][key])  # per rank
+    channels = shards[0]["buffers"]["layer1.0.bn1.running_mean"].numel()
+    assert shards[0]["buffers"][key].shape[1] == (B // nbs if nbs else 1) * channels  # devices
     resumed = bnbench(*args, "trainer.resume=true", cwd=tmp_path, cache=cache, torchrun=2)
     _ok(resumed)
     wa, wb = _weights(ref / "run"), _weights(tmp_path / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    final = _summary(tmp_path / "run")["iterations"]
     assert sorted(p.name for p in ckpt.parent.glob("last.rank*.pt")) == [
-        f"last.rank{r}.it{_summary(tmp_path / 'run')['iterations']}.pt" for r in (0, 1)]
+        f"last.rank{r}.it{final}.pt" for r in (0, 1)]
+    for r in (0, 1):  # every rank's final buffers (its history, its EMA): the uninterrupted run's
+        name = f"last.rank{r}.it{final}.pt"
+        want = torch.load(ref / "run" / "checkpoints" / name, weights_only=False)["buffers"]
+        got = torch.load(ckpt.with_name(name), weights_only=False)["buffers"]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), r
 
 
 def test_failing_rank_ends_the_torchrun_job(tmp_path, cache):

@@ -304,6 +304,8 @@ def test_syncbn_single_process_is_bn():
         lambda: norms.make("bn", eval_stats="sometimes")(4),
         lambda: norms.make("batch_eval", eval_stats="population"),
         lambda: norms.make("brn", ema="mean")(4),
+        lambda: norms.make("brn", nbs=3, warmup_iters=0)(4)(torch.randn(4, 4, 2, 2)),
+        lambda: norms.make("brn", nbs=3, rmax=1.0, dmax=0.0, ema="var")(4)(torch.randn(4, 4, 2, 2)),
         lambda: BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),
         lambda: BatchNorm2d(3, nbs=1)(torch.randn(4, 3, 1, 1)),
     ],
@@ -332,6 +334,7 @@ def test_syncbn_multiprocess_without_group(monkeypatch):
         ("ln", {}),
         ("in", {}),
         ("brn", {"warmup_iters": 0, "rmax_iters": 4, "dmax_iters": 4}),
+        ("brn", {"warmup_iters": 0, "rmax_iters": 4, "dmax_iters": 4, "nbs": 2}),
     ],
 )
 def test_state_dict_round_trip_continues_identically(name, opts):
@@ -410,10 +413,12 @@ def _grad_nodes(root) -> set[str]:
     return names
 
 
+_BRN_LIMITS = {"rmax": 2.0, "dmax": 1.0, "warmup_iters": 0, "rmax_iters": 0, "dmax_iters": 0}
+
+
 @pytest.mark.parametrize("cls,opts", [(BatchNorm2d, {"nbs": 2}), (BatchNorm2d, {"nbs": 3}),
-                                      (BatchRenorm2d, {"rmax": 2.0, "dmax": 1.0,
-                                                       "warmup_iters": 0, "rmax_iters": 0,
-                                                       "dmax_iters": 0})])
+                                      (BatchRenorm2d, _BRN_LIMITS),
+                                      (BatchRenorm2d, {**_BRN_LIMITS, "nbs": 2})])
 def test_inplace_relu_after_grouped_layers(cls, opts):
     """An inplace ReLU after the layer (torchvision ResNets) gives the out-of-place gradients,
     without autograd's view fallback (a zero-filled gradient copy per layer: AsStridedBackward)."""
@@ -460,6 +465,58 @@ def test_brn_ema_of_std_is_algorithm_1():
     torch.testing.assert_close(layers["std"].eval()(x), expect)
 
 
+@pytest.mark.parametrize("opts", [
+    {"rmax": 1.5, "dmax": 0.3, "ema": "std"},
+    {"rmax": 1.5, "dmax": 0.3, "ema": "var", "momentum": 0.3},
+    {"rmax": 1.0, "dmax": 0.0, "ema": "var"},  # BN's limits: the GhostBN path
+], ids=["std", "var", "identity"])
+def test_brn_devices_equal_separate_layers_with_averaged_buffers(opts):
+    """``nbs=n`` on a batch of ``G·n``: ``G`` separate BRN layers, each fed its own slice, with
+    shared γ, β (gradients summed, one SGD update) and their EMA buffers averaged after every
+    step: the same outputs, input and affine gradients, and buffers, over several steps (each
+    device's r, d from its own batch statistics against the shared EMA)."""
+    devices, n, lr = 3, 2, 0.1
+    limits = {"warmup_iters": 0, "rmax_iters": 0, "dmax_iters": 0}
+    layer = _affine(BatchRenorm2d(4, nbs=n, **limits, **opts).double())
+    with torch.no_grad():  # an EMA away from the batches' statistics: r, d clip
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        layer.running_var.copy_(torch.tensor([0.3, 4.0, 1.0, 9.0]))
+        layer.num_batches_tracked.fill_(1)
+    copies = [copy.deepcopy(layer) for _ in range(devices)]
+    for device in copies:
+        device.nbs = None  # one device each: its whole batch
+    gen = torch.Generator().manual_seed(5)
+    for step in range(4):
+        x = _x(devices * n, 4, 3, 3, seed=step)
+        gy = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        y = layer(x)
+        dx, *grads = torch.autograd.grad(y, [x, layer.weight, layer.bias], gy)
+        ref_y, ref_dx, ref_grads = [], [], [0, 0]
+        for device, xs, gs in zip(copies, x.detach().split(n), gy.split(n)):
+            xs.requires_grad_()
+            ys = device(xs)
+            d, *gr = torch.autograd.grad(ys, [xs, device.weight, device.bias], gs)
+            ref_y.append(ys.detach())
+            ref_dx.append(d)
+            ref_grads = [a + b for a, b in zip(ref_grads, gr)]
+        torch.testing.assert_close(y.detach(), torch.cat(ref_y))
+        torch.testing.assert_close(dx, torch.cat(ref_dx))
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want)
+        with torch.no_grad():
+            for layer_ in (layer, *copies):  # SGD on the shared γ, β
+                layer_.weight.sub_(lr * ref_grads[0])
+                layer_.bias.sub_(lr * ref_grads[1])
+            for key in ("running_mean", "running_var"):  # the devices' EMAs averaged
+                mean = sum(getattr(device, key) for device in copies) / devices
+                for device in copies:
+                    getattr(device, key).copy_(mean)
+        torch.testing.assert_close(layer.running_mean, copies[0].running_mean)
+        torch.testing.assert_close(layer.running_var, copies[0].running_var)
+        assert torch.equal(layer.num_batches_tracked, copies[0].num_batches_tracked)
+    assert int(layer.num_batches_tracked) == 5
+
+
 _COMPILE_CASES = {
     "bn": {}, "ghost": {"nbs": 2}, "syncbn": {}, "frozen": {}, "batch_eval": {"nbs": 3},
     "brn": {"rmax": 2.0, "dmax": 1.0, "warmup_iters": 0, "rmax_iters": 0, "dmax_iters": 0},
@@ -477,10 +534,21 @@ def test_layer_inside_a_compiled_model_matches_eager(name):
     """``torch.compile(model)`` (what ``trainer.compile=true`` does), three SGD steps: outputs,
     gradients and buffers as eager, for every variant. (BRN's and CBN's steps read buffers that
     the same step then updates: those steps run outside the graph, ``torch.compiler.disable``.)"""
+    _compiled_matches_eager(name, _COMPILE_CASES[name])
+
+
+@pytest.mark.parametrize("name,options", [("cbn", {"window": 3, "nbs": 2}),
+                                          ("brn", {**_COMPILE_CASES["brn"], "nbs": 3})])
+def test_simulated_devices_inside_a_compiled_model_match_eager(name, options):
+    """The same with ``nbs`` devices (CBN allocates its devices' history on the first step)."""
+    _compiled_matches_eager(name, options)
+
+
+def _compiled_matches_eager(name: str, options: dict) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
                           nn.ReLU(inplace=True)).double()
-    options = dict(_COMPILE_CASES[name])
+    options = dict(options)
     if "momentum" in norms.spec(name).options:
         options["momentum"] = 0.3  # a visible EMA step
     norms.convert(model, name, **options)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from bnbench import cli
-from bnbench.config import RANGES, register
+from bnbench.config import RANGES, register, validate
 from bnbench.errors import BnbenchError
 from bnbench.plan import batch_plan, expected_processes
 
@@ -36,6 +36,8 @@ def _cfg(*overrides: str):
     (["norm=batch_eval", "norm.eval_nbs=16"], 1, (64, 0, 1, 16)),
     (["norm=gn"], 2, (None, 0, 1, None)),
     (["norm=cbn"], 1, (64, 0, 1, None)),
+    (["norm=cbn", "norm.nbs=8"], 2, (8, 0, 1, None)),  # 8 simulated devices per process
+    (["norm=brn", "norm.nbs=16"], 1, (16, 0, 1, None)),
 ])
 def test_plan_of_each_variant(overrides, processes, want):
     plan = batch_plan(_cfg(*overrides), processes)
@@ -63,16 +65,40 @@ def test_layer_options_carry_the_normalization_batches():
     assert batch_plan(_cfg("norm=ghost", "norm.nbs=4"), 1).layer_options() == {"nbs": 4}
     assert batch_plan(_cfg("norm=batch_eval"), 1).layer_options() == {"eval_nbs": 64}
     assert batch_plan(_cfg("norm=syncbn"), 2).layer_options() == {}
+    assert batch_plan(_cfg("norm=naive_cbn", "norm.nbs=16"), 1).layer_options() == {"nbs": 16}
+    assert batch_plan(_cfg("norm=cbn", "norm.nbs=64"), 1).layer_options() == {}  # one device
 
 
 @pytest.mark.parametrize("overrides,processes,needle", [
     (["norm=syncbn", "norm.group_size=3"], 1, "norm.group_size=3: SyncBN groups must divide"),
     (["norm=syncbn", "norm.group_size=3"], 4, "norm.group_size=3"),
     (["norm=ghost", "norm.nbs=65"], 1, "norm.nbs=65 exceeds the per-process batch"),
+    (["norm=cbn", "norm.nbs=65"], 1, "norm.nbs=65 exceeds the per-process batch"),
+    *[([f"norm={name}", "norm.nbs=5"], 2, f"norm.nbs=5: norm={name} simulates devices of nbs "
+       "samples each, so nbs must divide the per-process batch trainer.batch_size=64")
+      for name in ("brn", "cbn", "naive_cbn")],
 ])
 def test_plans_that_cannot_run_are_refused(overrides, processes, needle):
     with pytest.raises(BnbenchError, match=needle):
         batch_plan(_cfg(*overrides), processes)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["norm=cbn", "norm.nbs=5"], "norm.nbs=5: norm=cbn simulates devices"),
+    (["norm=cbn", "norm.nbs=128"], "norm.nbs=128 exceeds the per-process batch"),
+    (["norm=cbn", "norm.nbs=8", "norm.window=0"], "norm.window=0: must be positive"),
+])
+def test_per_device_cbn_config_errors_are_one_line(overrides, needle, capsys, tmp_path):
+    """Refused at config time (exit 2, one line, nothing written)."""
+    assert cli.main(["train", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]) == 2
+    assert needle in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_per_device_nbs_passes_the_config_checks():
+    """``nbs`` dividing the batch: the layers take it (the model is built on the meta device)."""
+    for name in ("brn", "cbn", "naive_cbn"):
+        validate(_cfg(f"norm={name}", "norm.nbs=8"))
 
 
 def test_global_batch_larger_than_the_data_is_refused():

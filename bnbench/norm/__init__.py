@@ -96,9 +96,9 @@ def _registry() -> dict[str, NormSpec]:
         "brn": NormSpec(
             BatchRenorm2d,
             BN_OPTIONS
-            | {"rmax", "dmax", "warmup_iters", "rmax_iters", "dmax_iters", "schedule_scale",
-               "ema"},
-            "Batch Renormalization (r/d corrections, r_max/d_max schedules)",
+            | {"nbs", "rmax", "dmax", "warmup_iters", "rmax_iters", "dmax_iters",
+               "schedule_scale", "ema"},
+            "Batch Renormalization (r/d corrections, r_max/d_max schedules; nbs: per device)",
             "CBN paper §5 (Ioffe 2017)",
         ),
         "gn": NormSpec(group_norm, frozenset({"groups", "eps"}), "GroupNorm", "CBN §5, GN paper"),
@@ -114,14 +114,14 @@ def _registry() -> dict[str, NormSpec]:
         "cbn": NormSpec(
             CrossIterationBatchNorm2d,
             CBN_OPTIONS,
-            "Cross-Iteration BN: window of k iterations, Taylor-compensated",
+            "Cross-Iteration BN: window of k iterations, Taylor-compensated (nbs: per device)",
             "CBN paper §3–4",
             attach=pair_convs,
         ),
         "naive_cbn": NormSpec(
             CrossIterationBatchNorm2d,
             CBN_OPTIONS - {"rho", "jacobian_dtype"},
-            "naive CBN: the same window average without compensation",
+            "naive CBN: the same window average without compensation (nbs: per device)",
             "CBN paper §4 (ablation)",
             attach=pair_convs,
             fixed={"rho": 0.0},

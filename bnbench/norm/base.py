@@ -31,6 +31,13 @@ same update as ``λ · running + (1 − λ) · batch``, so ``λ = 1 − m`` (def
 As in PyTorch, the variance averaged into the EMA is the unbiased one, ``σ²_S · M / (M − 1)`` with
 ``M = |S|·H·W``. With several groups the EMA takes their count-weighted average.
 
+Per-device variants (BRN, CBN, naive CBN) read ``nbs`` as *simulated devices*: the per-process
+batch of ``N`` samples is ``G = N / nbs`` devices of ``nbs`` samples (:func:`device_groups`; ``nbs``
+must divide ``N``), each normalized as its own process would normalize its own batch. Their
+statistics are ``(G·C,)`` vectors over the rearranged input (:func:`to_groups`: channel
+``g·C + c`` is channel ``c`` of device ``g``), and the EMA is :func:`update_population` with
+``groups=G``: the mechanism of GhostBN's EMA (:func:`average_copies`).
+
 Every normalization runs PyTorch's own batch-norm kernel (``F.batch_norm``: cuDNN/oneDNN), except
 SyncBN over several processes and the variants whose statistics are not one batch's (CBN's window),
 which normalize with explicit tensor ops.
@@ -165,17 +172,72 @@ class Ema(NamedTuple):
 
 
 @torch.no_grad()
-def update_population(ema: Ema, mean: Tensor, var: Tensor, count: int, eps: float) -> None:
+def update_population(ema: Ema, mean: Tensor, var: Tensor, count: int, eps: float,
+                      groups: int = 1) -> None:
     """One :class:`Ema` step from the biased batch statistics ``(C,)`` of ``count`` elements per
-    channel."""
+    channel.
+
+    With ``groups = G`` the statistics are ``(G·C,)``, one ``(C,)`` block per simulated device
+    (:func:`to_groups`): every device steps its own copy of the buffers by the rule, and the
+    buffers become the copies' mean (:func:`average_copies`) — what ``G`` processes hold whose
+    buffers are averaged after the step (``dist.ema_sync=average``). ``tracked`` += 1 once.
+    """
     rm, rv, m = ema.running_mean, ema.running_var, ema.momentum
+    if groups > 1:  # the devices' copies, all equal to the buffers before the step
+        rm, rv = rm.repeat(groups), rv.repeat(groups)
     rm.lerp_(mean.to(rm.dtype), m)
     if ema.rule == "var":
         rv.lerp_((var * (count / max(count - 1, 1))).to(rv.dtype), m)
     else:
         sigma = torch.lerp((rv.to(var.dtype) + eps).sqrt(), (var + eps).sqrt(), m)
         rv.copy_((sigma * sigma - eps).clamp_min(0))
+    if groups > 1:
+        average_copies(ema.running_mean, ema.running_var, [(1.0, rm, rv)])
     ema.tracked.add_(1)
+
+
+@torch.no_grad()
+def average_copies(running_mean: Tensor, running_var: Tensor,
+                   copies: list[tuple[float, Tensor, Tensor]]) -> None:
+    """The buffers ``(C,)`` become the weighted mean of per-group copies: ``copies`` holds
+    ``(share, mean copies, var copies)`` with ``(g·C,)`` copies of ``g`` equal groups that
+    together hold ``share`` of the samples (shares sum to 1), so each group weighs its share.
+    The EMA step is affine in the batch statistics, so for BN's rule this is the EMA of the
+    groups' count-weighted mean statistics."""
+    c = running_mean.shape[0]
+    running_mean.copy_(sum(w * rm.view(-1, c).mean(0) for w, rm, _ in copies))
+    running_var.copy_(sum(w * rv.view(-1, c).mean(0) for w, _, rv in copies))
+
+
+def device_groups(samples: int, nbs: int | None, who: str) -> int:
+    """``G``, the simulated devices of a per-device variant's training batch of ``samples``:
+    ``samples / nbs`` devices of ``nbs`` samples each, 1 without ``nbs`` (or for an empty
+    batch). Devices have equal batches: ``nbs`` must divide ``samples``."""
+    if nbs is None or samples == 0:
+        return 1
+    if samples % nbs:
+        raise BnbenchError(
+            f"{who}: nbs={nbs} simulates devices of {nbs} samples each, but the batch has "
+            f"{samples} samples (not a multiple of {nbs})")
+    return samples // nbs
+
+
+def to_groups(x: Tensor, groups: int) -> Tensor:
+    """``(G·n, C, …)`` → ``(n, G·C, …)``: channel ``g·C + c`` is channel ``c`` of the ``g``-th
+    contiguous group of ``n`` samples, so per-channel statistics are per group (``x`` itself for
+    ``G = 1``)."""
+    if groups == 1:
+        return x
+    size, c, rest = x.shape[0] // groups, x.shape[1], x.shape[2:]
+    return x.view(groups, size, c, *rest).transpose(0, 1).reshape(size, groups * c, *rest)
+
+
+def from_groups(y: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`to_groups`: ``(n, G·C, …)`` → ``(G·n, C, …)``."""
+    if groups == 1:
+        return y
+    size, c, rest = y.shape[0], y.shape[1] // groups, y.shape[2:]
+    return y.view(size, groups, c, *rest).transpose(0, 1).reshape(groups * size, c, *rest)
 
 
 def ghost_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -191,7 +253,7 @@ def ghost_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor
     copies' count-weighted average — the EMA of the count-weighted mean of the group statistics,
     since the update is affine in them (the unbiased variance is per group, ``M_g/(M_g − 1)``).
     """
-    n, c = x.shape[0], x.shape[1]
+    n = x.shape[0]
     groups, remainder = divmod(n, nbs)
     parts = [(x[: groups * nbs], groups)] if groups else []
     if remainder:
@@ -203,9 +265,7 @@ def ghost_batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor
         outputs.append(y)
         copies.append((part.shape[0] / n, rm, rv))
     if running_mean is not None:  # each group weighs its share of the samples
-        with torch.no_grad():
-            running_mean.copy_(sum(w * rm.view(-1, c).mean(0) for w, rm, _ in copies))
-            running_var.copy_(sum(w * rv.view(-1, c).mean(0) for w, _, rv in copies))
+        average_copies(running_mean, running_var, copies)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -215,20 +275,17 @@ def _grouped_batch_norm(x: Tensor, groups: int, running_mean: Tensor | None,
     """``groups`` equal contiguous groups of ``x`` in one ``F.batch_norm`` call over the
     ``(n, G·C, …)`` rearrangement; returns the output and the ``(G·C,)`` buffer copies it
     updated (``None`` without running statistics)."""
-    size, c, rest = x.shape[0] // groups, x.shape[1], x.shape[2:]
-    grouped = x if groups == 1 else (  # (the remainder, one group: never a view)
-        x.view(groups, size, c, *rest).transpose(0, 1).reshape(size, groups * c, *rest))
     rm = None if running_mean is None else running_mean.repeat(groups)
     rv = None if running_var is None else running_var.repeat(groups)
-    y = F.batch_norm(grouped, rm, rv, _repeat(weight, groups), _repeat(bias, groups), True,
-                     momentum, eps)
-    if groups > 1:
-        y = y.view(size, groups, c, *rest).transpose(0, 1).reshape(x.shape)
-    return y, rm, rv
+    y = F.batch_norm(to_groups(x, groups), rm, rv, repeat_groups(weight, groups),
+                     repeat_groups(bias, groups), True, momentum, eps)
+    return from_groups(y, groups), rm, rv
 
 
-def _repeat(t: Tensor | None, times: int) -> Tensor | None:
-    return t if t is None or times == 1 else t.repeat(times)
+def repeat_groups(t: Tensor | None, groups: int) -> Tensor | None:
+    """A per-channel parameter ``(C,)`` for :func:`to_groups`' ``(G·C,)`` channels (shared by the
+    groups: autograd sums its gradient over them)."""
+    return t if t is None or groups == 1 else t.repeat(groups)
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -300,7 +357,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         num_features: channels ``C``.
         eps: ε added to the variance.
         momentum: EMA momentum ``m`` in PyTorch's convention (paper's λ = 1 − m), in [0, 1].
-        nbs: normalization batch size (GhostBN); ``None`` = the whole per-process batch.
+        nbs: normalization batch size (GhostBN; simulated devices of BRN and CBN); ``None`` =
+            the whole per-process batch.
         process_group: SyncBN over the processes of this group; ``None`` = per process.
         eval_stats: ``"population"`` (EMA / PreciseBN statistics) or ``"batch"`` at inference.
         eval_nbs: group size for ``eval_stats="batch"``; ``None`` = the whole inference batch.
@@ -442,6 +500,6 @@ class BatchNorm2d(nn.BatchNorm2d):
         )
 
 
-__all__ = ["BatchNorm2d", "Ema", "batch_moments", "batch_norm_with_moments", "ghost_batch_norm",
-           "normalize",
-           "sync_moments", "update_population"]
+__all__ = ["BatchNorm2d", "Ema", "average_copies", "batch_moments", "batch_norm_with_moments",
+           "device_groups", "from_groups", "ghost_batch_norm", "normalize", "repeat_groups",
+           "sync_moments", "to_groups", "update_population"]

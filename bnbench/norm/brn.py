@@ -17,6 +17,14 @@ unbiased batch variance.
 r_max rises linearly to ``rmax`` (3) by ``rmax_iters`` (40k) and d_max to ``dmax`` (5) by
 ``dmax_iters`` (25k).
 ``schedule_scale`` multiplies the three iteration counts (the trainer sets it to fit the run).
+
+Simulated devices (``nbs``, :func:`bnbench.norm.base.device_groups`): the per-process batch is
+``G = N / nbs`` devices of ``nbs`` samples, each with its own ``μ_B, σ_B`` and so its own ``r, d``
+against the one shared population statistics; then every device steps its own copy of the EMA by
+the rule above and the buffers become the copies' mean (``update_population`` with ``groups=G``,
+the mechanism of GhostBN's EMA). That is ``G`` processes with per-process BRN whose buffers are
+averaged after every step. (The trainer averages the processes' buffers at validation only,
+``dist.ema_sync``; between two averagings real processes compute ``r, d`` against their own EMAs.)
 """
 
 from __future__ import annotations
@@ -28,7 +36,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnbench.errors import BnbenchError
-from bnbench.norm.base import BatchNorm2d, Ema, batch_moments, run_eagerly, update_population
+from bnbench.norm.base import (
+    BatchNorm2d,
+    Ema,
+    batch_moments,
+    device_groups,
+    from_groups,
+    repeat_groups,
+    run_eagerly,
+    to_groups,
+    update_population,
+)
 
 EMA = ("std", "var")
 
@@ -43,7 +61,8 @@ def ramp(t: Tensor, start: float, end: float, final: float, initial: float) -> T
 
 
 class BatchRenorm2d(BatchNorm2d):
-    """Batch Renormalization over the per-process batch (see the module docstring)."""
+    """Batch Renormalization over the per-process batch, or over ``N / nbs`` simulated devices
+    of ``nbs`` samples each (see the module docstring)."""
 
     def __init__(
         self,
@@ -59,10 +78,9 @@ class BatchRenorm2d(BatchNorm2d):
         **kwargs,
     ) -> None:
         super().__init__(num_features, **kwargs)
-        if self.nbs is not None or self.process_group is not None:
-            raise BnbenchError(
-                "brn: renormalizes the per-process batch; nbs/sync are not supported"
-            )
+        if self.process_group is not None:
+            raise BnbenchError("brn: renormalizes the per-process (or per-device, nbs) batch; "
+                               "sync is not supported")
         if rmax < 1 or dmax < 0:
             raise BnbenchError(f"brn: rmax={rmax} must be ≥ 1 and dmax={dmax} ≥ 0")
         if schedule_scale <= 0:
@@ -88,32 +106,39 @@ class BatchRenorm2d(BatchNorm2d):
     # backward may recompute r, d from the updated buffers. The layer runs eagerly there.
     @run_eagerly
     def _train_forward(self, x: Tensor) -> Tensor:
-        if self.rmax == 1.0 and self.dmax == 0.0 and self.ema == "var":  # BN, always
+        devices = device_groups(x.shape[0], self.nbs, "brn")
+        if self.rmax == 1.0 and self.dmax == 0.0 and self.ema == "var":  # BN (GhostBN), always
             return super()._train_forward(x)
         # During the warmup the limits are (1, 0): r = 1, d = 0 exactly, i.e. BN. Not branched
         # on: the limits are tensors on the buffers' device, nothing is read back to the host.
-        self._check_group_size(x, x.shape[0])
-        mean, var = batch_moments(x.detach())
+        self._check_group_size(x, x.shape[0] // devices)
+        grouped = to_groups(x, devices)  # channel g·C + c: channel c of device g
+        mean, var = batch_moments(grouped.detach())  # (G·C,): each device's μ_B, σ²_B
         r, d = self.corrections(mean, var)
-        update_population(self._ema(), mean, var, x.numel() // x.shape[1], self.eps)
-        weight = r if self.weight is None else self.weight * r
-        bias = d if self.weight is None else self.weight * d
-        if self.bias is not None:
-            bias = bias + self.bias
+        update_population(self._ema(), mean, var, grouped.numel() // grouped.shape[1], self.eps,
+                          devices)
+        gamma, beta = repeat_groups(self.weight, devices), repeat_groups(self.bias, devices)
+        weight = r if gamma is None else gamma * r
+        bias = d if gamma is None else gamma * d
+        if beta is not None:
+            bias = bias + beta
         dtype = x.dtype if self.weight is None else self.weight.dtype
-        return F.batch_norm(x, None, None, weight.to(dtype), bias.to(dtype), True, 0.0, self.eps)
+        y = F.batch_norm(grouped, None, None, weight.to(dtype), bias.to(dtype), True, 0.0,
+                         self.eps)
+        return from_groups(y, devices)
 
     @torch.no_grad()
     def corrections(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         """BRN's ``r = clip(σ_B/σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ)/σ, −d_max, d_max)``
-        from the batch statistics ``(C,)`` and the EMA as it is (before this batch's update),
-        with the schedule's limits at ``num_batches_tracked``."""
-        dtype = mean.dtype
+        from the batch statistics ``(C,)`` (or ``(G·C,)``: ``G`` devices, each against the same
+        EMA) and the EMA as it is (before this batch's update), with the schedule's limits at
+        ``num_batches_tracked``."""
+        dtype, shape = mean.dtype, (-1, self.num_features)
         inv_std = torch.rsqrt(self.running_var.to(dtype) + self.eps)
         rmax, dmax = self.schedule.limits(self.num_batches_tracked, dtype)
-        r = torch.clamp(torch.sqrt(var + self.eps) * inv_std, 1.0 / rmax, rmax)
-        d = torch.clamp((mean - self.running_mean.to(dtype)) * inv_std, -dmax, dmax)
-        return r, d
+        r = torch.clamp(torch.sqrt(var.view(shape) + self.eps) * inv_std, 1.0 / rmax, rmax)
+        d = torch.clamp((mean.view(shape) - self.running_mean.to(dtype)) * inv_std, -dmax, dmax)
+        return r.view(mean.shape), d.view(mean.shape)
 
     def _ema(self) -> Ema:
         return super()._ema()._replace(rule=self.ema)  # "std": BRN Algorithm 1 on σ

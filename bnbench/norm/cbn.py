@@ -73,6 +73,24 @@ Implementation (our choices, exact in exact arithmetic):
   (:func:`window_batch_norm`); the gradient through ``μ̄, σ̄²`` is BN's with ``M`` replaced by
   ``n·M`` (``n`` entries kept in the window).
 
+Simulated devices (``nbs``; :func:`bnbench.norm.base.device_groups`): the per-process batch of
+``N`` samples is ``G = N / nbs`` devices of ``nbs`` samples (``nbs`` must divide ``N``), and the
+layer computes what ``G`` processes with per-process CBN compute: every device has its own
+statistics, Jacobians, window and history; the weights (conv ``W, b`` and ``γ, β``) are shared.
+The device dimension is folded into the channels (:func:`bnbench.norm.base.to_groups`: channel
+``g·C + c`` is channel ``c`` of device ``g``), so every formula above runs unchanged on ``G·C``
+channels (and ``G·groups`` conv groups), with ``W, b, γ, β`` repeated per device (their gradients
+sum over the devices). The EMA is ``update_population`` with ``groups=G``: each device steps its
+own copy, the buffers are the copies' mean, i.e. ``G`` processes with ``dist.ema_sync=average``
+(the EMA does not feed back into training, so averaging every step or once is the same). Burn-in
+and ``window=1`` are GhostBN with the same ``nbs`` (each device's plain BN).
+Cost with ``G`` devices: ``∂σ²/∂W`` of all devices is one grouped weight-gradient convolution
+(``G·groups`` groups) over the whole batch rearranged to ``(nbs, G·C_in, …)`` — the
+multiply-adds of one weight gradient of the conv over the ``N`` samples, not ``G`` of them — plus
+a rearranging copy of the conv's input and output; ``∂μ/∂W`` is one grouped pass over the
+devices' summed inputs. What grows ``G``-fold is the history (``(k−1)·G`` Jacobians the size of
+``W`` per layer) and the compensation's batched product over it.
+
 Not supported: activation checkpointing (``torch.utils.checkpoint``) of a CBN layer: the rerun of
 the forward would store a second entry and normalize with another window.
 
@@ -92,10 +110,19 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from bnbench.errors import BnbenchError, check_positive
-from bnbench.norm.base import BatchNorm2d, batch_moments, run_eagerly, update_population
+from bnbench.norm.base import (
+    BatchNorm2d,
+    batch_moments,
+    device_groups,
+    from_groups,
+    repeat_groups,
+    run_eagerly,
+    to_groups,
+    update_population,
+)
 
-CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "window", "burnin", "rho",
-                         "neg_var", "jacobian_dtype"})
+CBN_OPTIONS = frozenset({"eps", "momentum", "eval_stats", "eval_nbs", "nbs", "window", "burnin",
+                         "rho", "neg_var", "jacobian_dtype"})
 NEG_VAR = ("clamp", "drop")
 JACOBIAN_DTYPES = ("float32", "bfloat16")
 
@@ -176,8 +203,9 @@ def compensate(hist_mean: Tensor, hist_var: Tensor, drop: bool, rho: float,
                *jacobians: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Stored entries ``(μ_τ, σ²_τ)`` ``(L, C)`` at the current weights: ``(μ, σ²⁺, keep)``.
 
-    ``jacobians`` = ``(W (C, P), b (C,), ∂μ/∂W (L, G, P), e_μ (L, C), ∂σ²/∂W (C, L, P),
-    e_σ (L, C))`` (none: naive CBN, no compensation):
+    ``jacobians`` = ``(W (C, P), b (C,), ∂μ/∂W (L, Q, P), e_μ (L, C), ∂σ²/∂W (C, L, P),
+    e_σ (L, C))`` (none: naive CBN, no compensation; ``Q`` groups of consecutive channels share
+    ``∂μ/∂W``: the conv's groups, times the simulated devices):
 
         Δμ = ρ (⟨∂μ/∂W, W⟩ + b − e_μ),   σ²(θ_t) = σ² + ρ (⟨∂σ²/∂W, W⟩ − e_σ) − Δμ²
 
@@ -202,7 +230,7 @@ def record(mean: Tensor, var: Tensor, hist_mean: Tensor, hist_var: Tensor, hist_
     device-side index) and advance the ring ``[count, next slot]`` (in place).
 
     With ``jacobians`` (:func:`compensate`'s, their buffers written too), ``entry`` is the
-    iteration's ``(∂μ/∂W (G, P), D (C, P), c)`` with ``D = (2/M) Σ_p (y(p) − c)·patch(p)``
+    iteration's ``(∂μ/∂W (Q, P), D (C, P), c)`` with ``D = (2/M) Σ_p (y(p) − c)·patch(p)``
     (``c`` per channel, ``None`` = 0); stored: ``∂σ²/∂W = D − 2(μ − c) ∂μ/∂W``,
     ``e_μ = ⟨∂μ/∂W, W⟩ + b`` and ``e_σ = ⟨∂σ²/∂W, W⟩`` at the current weights.
     """
@@ -237,25 +265,30 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             earlier entries with negative compensated variance, average over those kept).
         jacobian_dtype: ``"float32"`` (exact; the statistics' precision) or ``"bfloat16"``
             (faster ∂σ²/∂W weight-gradient convolution, ~0.3 % relative error on its term).
-        eps, momentum, eval_stats, eval_nbs: as :class:`BatchNorm2d` (GhostBN/SyncBN excluded).
+        nbs: simulated devices of ``nbs`` samples each (see the module docstring); ``None``: one
+            device, the whole per-process batch.
+        eps, momentum, eval_stats, eval_nbs: as :class:`BatchNorm2d` (SyncBN excluded).
 
-    Buffers (all in the state dict): ``hist_mean``, ``hist_var`` ``(k−1, C)`` — mean and biased
-    variance of the stored iterations; ``hist_state`` ``[count, next slot]`` of the ring; and,
-    once paired (``rho != 0``): ``hist_dmean`` ``(k−1, G, C_in/G·kh·kw)`` — ∂μ/∂W per conv
-    group; ``hist_dmean_ref`` ``(k−1, C)`` — ``⟨∂μ/∂W, W⟩ + b`` at the stored weights;
-    ``hist_dvar`` ``(C, k−1, C_in/G·kh·kw)`` — ∂σ²_j/∂W_j, channel-major so that the window's
-    compensation is one batched product; ``hist_dvar_ref`` ``(k−1, C)`` — ``⟨∂σ²/∂W, W⟩`` at
-    the stored weights. Ring slots ``[0, count)`` are valid (order is irrelevant to the
-    average).
+    Buffers (all in the state dict), for ``G`` devices (1 without ``nbs``; column ``g·C + c`` is
+    channel ``c`` of device ``g``) and ``P = C_in/groups·kh·kw``: ``hist_mean``, ``hist_var``
+    ``(k−1, G·C)`` — mean and biased variance of the stored iterations; ``hist_state``
+    ``[count, next slot]`` of the ring (shared: the devices step together); and, once paired
+    (``rho != 0``): ``hist_dmean`` ``(k−1, G·groups, P)`` — ∂μ/∂W per device and conv group;
+    ``hist_dmean_ref`` ``(k−1, G·C)`` — ``⟨∂μ/∂W, W⟩ + b`` at the stored weights; ``hist_dvar``
+    ``(G·C, k−1, P)`` — ∂σ²_j/∂W_j, channel-major so that the window's compensation is one
+    batched product; ``hist_dvar_ref`` ``(k−1, G·C)`` — ``⟨∂σ²/∂W, W⟩`` at the stored weights.
+    Ring slots ``[0, count)`` are valid (order is irrelevant to the average). ``G`` is taken
+    from the first training step after burn-in (or from a loaded state dict); a batch of
+    another number of devices while a history is held is an error.
     """
 
     def __init__(self, num_features: int, *args: Any, window: int = 4, burnin: int = 0,
                  rho: float = 1.0, neg_var: str = "clamp", jacobian_dtype: str = "float32",
                  **kwargs: Any) -> None:
         super().__init__(num_features, *args, **kwargs)
-        if self.nbs is not None or self.process_group is not None:
-            raise BnbenchError("cbn: statistics of the per-process batch; nbs/sync are not "
-                               "supported")
+        if self.process_group is not None:
+            raise BnbenchError("cbn: statistics of the per-process (or per-device, nbs) batch; "
+                               "sync is not supported")
         if isinstance(window, bool):
             raise BnbenchError(f"norm.window={window}: must be a positive integer")
         self.window = check_positive("norm.window", window, integer=True)
@@ -317,13 +350,41 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
     def history_length(self) -> int:
         return int(self.hist_state[0])
 
-    def _conv_shapes(self, conv: nn.Conv2d) -> dict[str, tuple[int, ...]]:
-        k1, c = self.window - 1, self.num_features
+    def history_devices(self) -> int:
+        """``G``, the simulated devices whose windows the history buffers hold."""
+        return self.hist_mean.shape[1] // self.num_features
+
+    def _conv_shapes(self, conv: nn.Conv2d, devices: int) -> dict[str, tuple[int, ...]]:
+        k1, c = self.window - 1, devices * self.num_features
         if not self._needs_jacobians():
             return {name: (0,) for name in _CONV_BUFFERS}
         per_group = conv.weight[0].numel()
-        return {"hist_dmean": (k1, conv.groups, per_group), "hist_dmean_ref": (k1, c),
+        return {"hist_dmean": (k1, devices * conv.groups, per_group), "hist_dmean_ref": (k1, c),
                 "hist_dvar": (c, k1, per_group), "hist_dvar_ref": (k1, c)}
+
+    def _allocate(self, devices: int) -> None:
+        """Empty history buffers for ``devices`` windows (the Jacobians' once paired)."""
+        shapes = {"hist_mean": (self.window - 1, devices * self.num_features)}
+        shapes["hist_var"] = shapes["hist_mean"]
+        if self._paired_conv is not None:
+            shapes.update(self._conv_shapes(self._paired_conv, devices))
+        for name, shape in shapes.items():
+            buf = getattr(self, name)
+            setattr(self, name, torch.zeros(shape, device=buf.device, dtype=buf.dtype))
+        self.reset_history()
+
+    def _fit_history(self, devices: int, samples: int) -> None:
+        """History buffers for ``devices`` windows: reallocated while empty; a held history of
+        another number of devices is an error (it is not this batch's devices' window)."""
+        held = self.history_devices()
+        if held == devices:
+            return
+        if self.history_length():
+            raise BnbenchError(
+                f"cbn: {self._describe()} holds the windows of {held} device(s) (nbs="
+                f"{self.nbs}) but a batch of {samples} samples is {devices}; keep the training "
+                "batch size, or reset_history()")
+        self._allocate(devices)
 
     # -- pairing ----------------------------------------------------------------------------------
     def pair(self, conv: nn.Conv2d) -> None:
@@ -348,7 +409,7 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         object.__setattr__(self, "_hook_id", handle.id)
         self._pending.clear()
         changed = False
-        for name, shape in self._conv_shapes(conv).items():
+        for name, shape in self._conv_shapes(conv, self.history_devices()).items():
             buf = getattr(self, name)
             if tuple(buf.shape) != shape:
                 setattr(self, name, torch.zeros(shape, device=buf.device, dtype=buf.dtype))
@@ -399,6 +460,11 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             missing_keys[before:] = [k for k in missing_keys[before:] if k not in keys]
             self.reset_history()
             return
+        stored = state_dict[prefix + "hist_mean"]  # (k−1, G·C): the checkpoint's G devices
+        if self.nbs is not None and stored.dim() == 2 and stored.shape[1] % self.num_features == 0:
+            devices = stored.shape[1] // self.num_features
+            if devices != self.history_devices():
+                self._allocate(devices)
         if self._paired_conv is None:  # not paired yet: take the stored shapes
             for name in _CONV_BUFFERS:
                 src, buf = state_dict.get(prefix + name), getattr(self, name)
@@ -419,16 +485,21 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
     # updates, and a traced backward may recompute from the updated ones.
     @run_eagerly
     def _train_forward(self, x: Tensor) -> Tensor:
+        devices = device_groups(x.shape[0], self.nbs, "cbn")
         # The burn-in reads the iteration count back (a device sync) only when there is one.
+        # Burn-in and window 1: BN, with nbs GhostBN (every device's own BN, EMA averaged).
         if self.window == 1 or (self.burnin and int(self.num_batches_tracked) < self.burnin):
             return super()._train_forward(x)
-        self._check_group_size(x, x.shape[0])
+        self._check_group_size(x, x.shape[0] // devices)
         conv_input = self._conv_input(x) if self._needs_jacobians() else None
+        self._fit_history(devices, x.shape[0])
+        grouped = to_groups(x, devices)  # channel g·C + c: channel c of device g
         with _no_autocast(x.device):
-            mean, var = batch_moments(x)  # μ_t, σ²_t: the only terms with gradient
+            mean, var = batch_moments(grouped)  # μ_t, σ²_t: the only terms with gradient
             cd = mean.dtype
             jacobians = self._jacobian_args(cd)
-            entry = () if conv_input is None else self._raw_jacobians(conv_input, x, cd)
+            entry = () if conv_input is None else self._raw_jacobians(conv_input, grouped, cd,
+                                                                       devices)
             with torch.no_grad():  # the earlier iterations, compensated to the current weights
                 past_mean, past_var, keep = compensate(
                     self.hist_mean.to(cd), self.hist_var.to(cd), self.neg_var == "drop",
@@ -439,9 +510,10 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             record(mean.detach(), var.detach(), self.hist_mean, self.hist_var, self.hist_state,
                    entry, jacobians)
             update_population(self._ema(), mean.detach(), var.detach(),
-                              x.numel() // x.shape[1], self.eps)
-            weight, bias = self._affine()
-            return window_batch_norm(x, mean, var, wmean, wvar, weight, bias, self.eps)
+                              grouped.numel() // grouped.shape[1], self.eps, devices)
+            weight, bias = (repeat_groups(t, devices) for t in self._affine())
+            y = window_batch_norm(grouped, mean, var, wmean, wvar, weight, bias, self.eps)
+        return from_groups(y, devices)
 
     def _weights(self, cd: torch.dtype) -> tuple[Tensor, Tensor]:
         """The conv's ``(W (C, P), b (C,))`` in ``cd`` (``b = 0`` without bias), rounded first
@@ -455,11 +527,15 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         return w.to(cd).reshape(conv.out_channels, -1), b.to(cd)
 
     def _jacobian_args(self, cd: torch.dtype) -> tuple[Tensor, ...]:
-        """:func:`compensate`'s ``jacobians`` (empty for naive CBN)."""
+        """:func:`compensate`'s ``jacobians`` (empty for naive CBN); ``W, b`` repeated for the
+        history's devices (shared weights)."""
         if not self._needs_jacobians():
             return ()
-        return (*self._weights(cd), self.hist_dmean, self.hist_dmean_ref, self.hist_dvar,
-                self.hist_dvar_ref)
+        devices = self.history_devices()
+        w, b = self._weights(cd)
+        if devices > 1:
+            w, b = w.repeat(devices, 1), b.repeat(devices)
+        return (w, b, self.hist_dmean, self.hist_dmean_ref, self.hist_dvar, self.hist_dvar_ref)
 
     @torch.no_grad()
     def _compensated(self, length: int, cd: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -472,20 +548,25 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
 
     @torch.no_grad()
     def jacobians(self, conv_input: Tensor, y: Tensor, dtype: torch.dtype = torch.float32, *,
-                  mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``∂μ/∂W`` ``(G, C_in/G·kh·kw)`` (per group) and ``∂σ²_j/∂W_j`` ``(C, C_in/G·kh·kw)``
-        of the paired conv, from its input ``conv_input`` and output ``y`` (analytic; ``mean``:
-        the per-channel mean of ``y`` if known). What a training step stores (:func:`record`
-        does the centring there)."""
-        dmean, dvar, centre = self._raw_jacobians(conv_input, y, dtype)
-        mean = y.detach().to(dtype).mean((0, 2, 3)) if mean is None else mean.to(dtype)
+                  mean: Tensor | None = None, devices: int = 1) -> tuple[Tensor, Tensor]:
+        """``∂μ/∂W`` ``(G·groups, C_in/groups·kh·kw)`` (per device and conv group) and
+        ``∂σ²_j/∂W_j`` ``(G·C, C_in/groups·kh·kw)`` (per device) of the paired conv, from its
+        input ``conv_input`` and output ``y`` ``(G·n, C, …)`` (analytic; ``mean``: the
+        per-channel mean of ``y`` ``(G·C,)`` if known). What a training step stores
+        (:func:`record` does the centring there)."""
+        grouped = to_groups(y.detach(), devices)
+        dmean, dvar, centre = self._raw_jacobians(conv_input, grouped, dtype, devices)
+        mean = grouped.to(dtype).mean((0, 2, 3)) if mean is None else mean.to(dtype)
         return dmean, _centre(dvar, mean if centre is None else mean - centre, dmean)
 
     @torch.no_grad()
-    def _raw_jacobians(self, conv_input: Tensor, y: Tensor,
-                       dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _raw_jacobians(self, conv_input: Tensor, y: Tensor, dtype: torch.dtype,
+                       devices: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(∂μ/∂W, D, c)`` in ``dtype`` with ``D = (2/M) Σ_p (y(p) − c)·patch(p)``:
-        ``∂σ²/∂W = D − 2(μ − c) ∂μ/∂W`` (:func:`_centre`).
+        ``∂σ²/∂W = D − 2(μ − c) ∂μ/∂W`` (:func:`_centre`), per device: ``conv_input``
+        ``(G·n, C_in, …)`` as the conv got it, its output ``y`` in the devices' layout
+        ``(n, G·C, …)`` (:func:`to_groups`), ``M = n·H·W``. Each is one convolution over the
+        whole batch, grouped by device (not one per device).
 
         ``jacobian_dtype="float32"``: ``c = 0`` (``None``), the weight gradient for ``2y/M``;
         the centring is then a rank-1 update of the small Jacobian, not a pass over ``y``, and
@@ -497,18 +578,22 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
         x, padding = padded_input(conv, conv_input.detach())
         x, y = x.to(dtype), y.detach().to(dtype)
         m = y.shape[0] * y.shape[2] * y.shape[3]
+        c_in, spatial = x.shape[1], x.shape[2:]
         with _no_autocast(x.device):
-            ones = x.new_ones(1, 1, y.shape[2], y.shape[3])
-            patch = conv2d_weight(x.sum(0, keepdim=True), (1, *x.shape[1:2], *conv.kernel_size),
-                                  ones, conv.stride, padding, conv.dilation, 1)
-            dmean = patch.reshape(conv.groups, -1).div_(m)
+            # ∂μ/∂W: each device's summed input against a ones output, one group per device
+            sums = x.view(devices, -1, c_in, *spatial).sum(1).reshape(1, -1, *spatial)
+            ones = x.new_ones(1, devices, y.shape[2], y.shape[3])
+            patch = conv2d_weight(sums, (devices, c_in, *conv.kernel_size), ones, conv.stride,
+                                  padding, conv.dilation, devices)
+            dmean = patch.reshape(devices * conv.groups, -1).div_(m)
+            x = to_groups(x, devices)
             if self.jacobian_dtype == "float32":
-                return dmean, _weight_grad(x, y, conv, padding).mul_(2.0 / m), None
+                return dmean, _weight_grad(x, y, conv, padding, devices).mul_(2.0 / m), None
             centre = y.mean((0, 2, 3))  # ∂σ²/∂y = 2(y − μ)/M
             low = torch.bfloat16
             centered = (y - centre.view(1, -1, 1, 1)).to(low)
-            dvar = _weight_grad(x.to(low), centered, conv, padding).to(dtype).mul_(2.0 / m)
-            return dmean, dvar, centre
+            dvar = _weight_grad(x.to(low), centered, conv, padding, devices)
+            return dmean, dvar.to(dtype).mul_(2.0 / m), centre
 
 
 def padded_input(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Any]:
@@ -544,7 +629,7 @@ def _from_second_moment(state_dict: Mapping[str, Any], prefix: str) -> dict[str,
 
 
 def _centre(jac: Tensor, offset: Tensor, dmean: Tensor) -> Tensor:
-    """``jac − 2·offset ∂μ/∂W`` ``(C, P)`` (``offset`` ``(C,)``, per-group ``dmean`` ``(G, P)``):
+    """``jac − 2·offset ∂μ/∂W`` ``(C, P)`` (``offset`` ``(C,)``, per-group ``dmean`` ``(Q, P)``):
     one batched rank-1 update; ``∂ν/∂W`` with ``offset = μ`` gives ``∂σ²/∂W``."""
     g, c = dmean.shape[0], jac.shape[0]
     out = torch.baddbmm(jac.view(g, c // g, -1), offset.view(g, c // g, 1), dmean.view(g, 1, -1),
@@ -553,17 +638,20 @@ def _centre(jac: Tensor, offset: Tensor, dmean: Tensor) -> Tensor:
 
 
 def _group_dot(w: Tensor, patch: Tensor, groups: int) -> Tensor:
-    """``⟨patch_{l,g(j)}, W_j⟩`` ``(L, C)``: ``w`` ``(C, P)``, per-group ``patch`` ``(L, G, P)``."""
+    """``⟨patch_{l,q(j)}, W_j⟩`` ``(L, C)``: ``w`` ``(C, P)``, per-group ``patch`` ``(L, Q, P)``."""
     c, length = w.shape[0], patch.shape[0]
-    out = torch.bmm(w.view(groups, c // groups, -1), patch.permute(1, 2, 0))  # (G, C/G, L)
+    out = torch.bmm(w.view(groups, c // groups, -1), patch.permute(1, 2, 0))  # (Q, C/Q, L)
     return out.reshape(c, length).t()
 
 
-def _weight_grad(x: Tensor, y: Tensor, conv: nn.Conv2d, padding: Any) -> Tensor:
-    """``Σ_p y_j(p)·patch(p)`` ``(C, C_in/G·kh·kw)``: the conv's weight gradient for ``∂y = y``
-    (``torch.nn.grad.conv2d_weight``, the kernel of the conv's own backward)."""
-    grad = conv2d_weight(x, conv.weight.shape, y, conv.stride, padding, conv.dilation,
-                         conv.groups)
+def _weight_grad(x: Tensor, y: Tensor, conv: nn.Conv2d, padding: Any, devices: int) -> Tensor:
+    """``Σ_p y_j(p)·patch(p)`` ``(G·C, C_in/groups·kh·kw)`` per device: the conv's weight
+    gradient for ``∂y = y`` (``torch.nn.grad.conv2d_weight``, the kernel of the conv's own
+    backward), on ``x``, ``y`` in the devices' layout (:func:`to_groups`) as one grouped
+    convolution with ``G·groups`` groups: the work of one weight gradient over the batch."""
+    shape = (devices * conv.out_channels, *conv.weight.shape[1:])
+    grad = conv2d_weight(x, shape, y, conv.stride, padding, conv.dilation,
+                         devices * conv.groups)
     return grad.reshape(y.shape[1], -1)
 
 

@@ -35,6 +35,8 @@ commands:
   train [overrides]   train a model (Hydra app: -m for sweeps, --cfg job, --help)
                       e.g. bnbench train norm=gn trainer.epochs=3
   eval run=DIR [...]  evaluate a run's checkpoint with chosen statistics (Hydra app, -m)
+  analyze NAME run=DIR [key=value ...]
+                      an analysis of a run (Fig. 2 channel trace, A.2 estimators, A.3 layerwise)
   experiment P/NAME   run a paper's table or figure end to end [scale=smoke|cpu|paper]
   report P/NAME       write an experiment's report beside the paper's numbers [scale=…]
   bench [options]     time each normalization layer against nn.BatchNorm2d
@@ -43,7 +45,7 @@ Run 'bnbench train --help' for the config groups and keys."""
 
 #: Commands whose module's ``main(argv) -> int`` runs them.
 COMMANDS = {"eval": "bnbench.eval_app", "experiment": "bnbench.experiment",
-            "report": "bnbench.report"}
+            "report": "bnbench.report", "analyze": "bnbench.analysis"}
 
 #: Hydra flags that take a value (their value is not an override).
 _VALUE_FLAGS = {
@@ -573,8 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _quiet_broken_pipe()
-    return fail(f"unknown command {command!r}; choose one of train, eval, experiment, report, "
-                "bench")
+    return fail(f"unknown command {command!r}; choose one of train, eval, analyze, experiment, "
+                "report, bench")
 
 
 def entry() -> None:

@@ -38,6 +38,7 @@ class DatasetConfig:
     num_val: int = 2000
     num_classes: int = 15
     seed: int = 0
+    difficulty: str = "standard"  # synthetic only: standard | hard (bnbench.data.synthetic)
     pad: Optional[int] = None
     crop_size: int = 224
     resize_size: int = 256
@@ -121,6 +122,7 @@ class TrainerConfig:
     channels_last: bool = False
     resume: bool = False
     checkpoint: bool = True
+    keep_checkpoints: bool = False  # also keep checkpoints/epoch{E}.pt after each epoch
     progress: Optional[bool] = None  # None: only on a TTY
     max_iters: int = 0  # stop after this many iterations (0 = all); for smoke tests
     compile: bool = False  # torch.compile the whole model (BRN/CBN steps run eagerly inside it)
@@ -258,8 +260,12 @@ def validate(cfg: DictConfig) -> None:
         _check_range(key, OmegaConf.select(cfg, key), interval)
     _choice("optim.schedule", cfg.optim.schedule, ("cosine", "step"))
     _choice("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
+    _choice("dataset.difficulty", cfg.dataset.difficulty, ("standard", "hard"))
     if cfg.trainer.bf16 and cfg.trainer.float64:
         raise BnbenchError("trainer.bf16 and trainer.float64 exclude each other")
+    if cfg.trainer.keep_checkpoints and not cfg.trainer.checkpoint:
+        raise BnbenchError("trainer.keep_checkpoints=true keeps copies of the checkpoints: it "
+                           "needs trainer.checkpoint=true")
     if cfg.trainer.compile:
         import torch
 

@@ -61,7 +61,10 @@ from bnbench.errors import BnbenchError
 from bnbench.plan import BATCH_FREE, batch_plan
 
 if TYPE_CHECKING:  # (torch is imported once the options are checked)
-    from bnbench.evaluate import StatsSpec
+    import torch
+
+    from bnbench.evaluate import Reader, StatsSpec
+    from bnbench.train import RunParts
 
 SPLITS = ("val", "train")
 DEVICES = ("auto", "cpu", "cuda")
@@ -357,39 +360,90 @@ def record_of(job: EvalJob, metrics: dict[str, float], seconds: float,
     return {**record, "time": round(seconds, 3)}
 
 
-def run_eval(job: EvalJob) -> dict[str, Any]:
-    """Evaluate the checkpoint of ``job``; returns its record (not yet written)."""
+def checkpoint_config(run_dir: Path, checkpoint: Path,
+                      device: str = "auto") -> tuple[DictConfig, dict[str, Any]]:
+    """The config that rebuilds ``checkpoint``'s model in one process on ``device`` (the run's
+    config through :func:`effective_config` with no evaluation overrides), validated, and the
+    checkpoint as loaded (on the CPU). For other commands on a run (``bnbench analyze``)."""
     import torch
 
     from bnbench import checkpoint as ckpt
-    from bnbench import distributed as D
-    from bnbench.evaluate import Reader, evaluate_stats
-    from bnbench.train import build_run, progress, restore_frozen
 
-    cfg = job.cfg
+    saved = ckpt.load(checkpoint, torch.device("cpu"))
+    options = OmegaConf.structured(EvalAppConfig)
+    options.run, options.device = str(run_dir), device
+    cfg = effective_config(_run_config(saved, run_dir, checkpoint), options, None)
+    validate(cfg)
+    return cfg, saved
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A run rebuilt from its config with a checkpoint's weights: what evaluations and analyses
+    work on. ``epoch``/``iteration``: the checkpoint's (epochs done, iterations done)."""
+
+    cfg: DictConfig
+    parts: RunParts
+    reader: Reader
+    device: torch.device
+    epoch: int
+    iteration: int
+
+
+def load_weights(parts: RunParts, cfg: DictConfig, checkpoint: Path,
+                 device: torch.device) -> tuple[int, int]:
+    """Load ``checkpoint``'s weights into ``parts.model`` (FrozenBN layers marked as the run had
+    them at that epoch); returns the checkpoint's ``(epoch, iteration)``."""
+    from bnbench import checkpoint as ckpt
+    from bnbench.train import restore_frozen
+
+    saved = ckpt.load(checkpoint, device)
+    try:
+        parts.model.load_state_dict(saved["model"])
+    except (RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[-1].strip()[:160]
+        raise BnbenchError(f"checkpoint {checkpoint} does not fit the model built for "
+                           f"dataset {cfg.dataset.name} ({parts.data.num_classes} classes): "
+                           f"{first}") from err
+    state = saved.get("state", {})
+    epoch, iteration = int(state.get("epoch", 0)), int(state.get("iteration", 0))
+    restore_frozen(parts.model, cfg, epoch)
+    return epoch, iteration
+
+
+def load_run(cfg: DictConfig, checkpoint: Path) -> LoadedRun:
+    """Build the run of ``cfg`` (:func:`bnbench.train.build_run`) on ``cfg.trainer.device`` with
+    ``checkpoint``'s weights, and a :class:`bnbench.evaluate.Reader` of its data as the trainer
+    reads it (seed, precision, autocast, progress)."""
+    import torch
+
+    from bnbench import distributed as D
+    from bnbench.evaluate import Reader
+    from bnbench.train import build_run, progress
+
     device = D.device_for(cfg.trainer.device)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     parts = build_run(cfg, device=device)
-    saved = ckpt.load(job.checkpoint, device)
-    try:
-        parts.model.load_state_dict(saved["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[-1].strip()[:160]
-        raise BnbenchError(f"checkpoint {job.checkpoint} does not fit the model built for "
-                           f"dataset {cfg.dataset.name} ({parts.data.num_classes} classes): "
-                           f"{first}") from err
-    restore_frozen(parts.model, cfg, job.epoch)
+    epoch, iteration = load_weights(parts, cfg, checkpoint, device)
     mode = cfg.trainer.progress
     reader = Reader(parts.data, seed=cfg.trainer.seed, device=device,
                     float64=cfg.trainer.float64, autocast=cfg.trainer.bf16,
                     progress=lambda batches, total, desc: progress(batches, total, desc, mode))
+    return LoadedRun(cfg, parts, reader, device, epoch, iteration)
+
+
+def run_eval(job: EvalJob) -> dict[str, Any]:
+    """Evaluate the checkpoint of ``job``; returns its record (not yet written)."""
+    from bnbench.evaluate import evaluate_stats
+
+    run = load_run(job.cfg, job.checkpoint)
     start = time.perf_counter()
     # The trainer validates the model of epoch e (0-based) with PreciseBN's subset of epoch e;
     # a checkpoint holds the number of epochs done.
-    metrics = evaluate_stats(parts.model, reader, job.spec, parts.plan,
+    metrics = evaluate_stats(run.parts.model, run.reader, job.spec, run.parts.plan,
                              epoch=max(job.epoch - 1, 0), split=job.split, subset=job.subset)
-    samples = parts.plan.precise_samples if job.spec.kind == "precise" else None
+    samples = run.parts.plan.precise_samples if job.spec.kind == "precise" else None
     return record_of(job, metrics, time.perf_counter() - start, samples)
 
 

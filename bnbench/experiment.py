@@ -113,7 +113,7 @@ class Experiment:
         """The training runs of row ``run`` (one per combination of its sweeps)."""
         from bnbench.cli import expand_sweeps
 
-        combos = expand_sweeps([*self.scale_spec["train"], *self.spec["runs"][run]],
+        combos = expand_sweeps([*self.scale_spec["train"], *self.row(run)["train"]],
                                multirun=True)
         varying = [o for combo in combos for o in combo if not all(o in c for c in combos)]
         base = self.directory / slug(run)
@@ -123,11 +123,22 @@ class Experiment:
             out.append(Replica(run, name, base / slug(name) if name else base, tuple(combo)))
         return out
 
-    def evaluations(self) -> dict[str, list[tuple[str, ...]]]:
-        """Column → its evaluations' overrides (several where the column sweeps an option)."""
+    def row(self, run: str) -> dict[str, list[str]]:
+        """Row ``run``'s ``train`` overrides and the ``eval`` overrides added to each of its
+        evaluations (a row is a list of train overrides, or ``{train: […], eval: […]}``, e.g.
+        ``eval: [stats=none]`` for a GN row of a BN table)."""
+        value = self.spec["runs"][run]
+        if isinstance(value, dict):
+            return {"train": list(value.get("train") or []), "eval": list(value.get("eval") or [])}
+        return {"train": list(value), "eval": []}
+
+    def evaluations(self, run: str) -> dict[str, list[tuple[str, ...]]]:
+        """Column → the overrides of row ``run``'s evaluations (several where the column sweeps
+        an option)."""
         from bnbench.cli import expand_sweeps
 
-        return {column: [tuple(capped(job)) for job in expand_sweeps(list(overrides), True)]
+        extra = self.row(run)["eval"]
+        return {column: [tuple(capped(job)) for job in expand_sweeps([*overrides, *extra], True)]
                 for column, overrides in (self.spec.get("evals") or {}).items()}
 
     def analyses(self) -> dict[str, dict[str, Any]]:
@@ -196,10 +207,9 @@ def jobs(exp: Experiment) -> list[Job]:
                 f"hydra.sweep.dir={replica.directory.parent}",
                 f"hydra.sweep.subdir={replica.directory.name}", "trainer.resume=true")
         out.append(Job("train", replica, replica.run, argv))
-    evaluations = exp.evaluations()
     for replica in (r for rs in replicas.values() for r in rs):
         seen = set()
-        for column, options_list in evaluations.items():
+        for column, options_list in exp.evaluations(replica.run).items():
             for options in options_list:
                 if options not in seen:  # B=10³ and B=N are one evaluation where N ≤ 10³
                     argv = (*bnbench, "eval", f"run={replica.directory}", *options)
@@ -292,7 +302,7 @@ def analyze_here(job: Job) -> None:
     """``bnbench analyze <name> run=<replica> <options>``, in this process."""
     from bnbench import analysis
 
-    analysis.run_analysis(job.analysis, job.replica.directory, list(job.options))
+    analysis.run_analysis([job.analysis, f"run={job.replica.directory}", *job.options])
 
 
 def execute(exp: Experiment) -> list[Outcome]:

@@ -93,12 +93,11 @@ def our_cells(exp: Experiment) -> Cells:
     from bnbench.evaluate import find_record
 
     cells: Cells = {}
-    evaluations = exp.evaluations()
     curves = our_curves(exp)
     for run in exp.spec["runs"]:
         row = cells.setdefault(run, {})
         replicas = exp.replicas(run)
-        for column, options_list in evaluations.items():
+        for column, options_list in exp.evaluations(run).items():
             values = []
             for replica in replicas:
                 for options in options_list:
@@ -111,7 +110,38 @@ def our_cells(exp: Experiment) -> Cells:
             row[label] = Stat.of([points[-1][1]] if points else [])
             row[f"{label} (mean)"] = Stat.of([statistics.fmean(v for _, v in points)]
                                              if points else [])
-    return cells
+    return pivoted(exp, cells) if exp.spec.get("pivot") else cells
+
+
+#: A sweep table's run label: ``"<row> @ <column>"`` (``"<row> @ *"``: the same run in every
+#: column, e.g. GN at a fixed SGD batch, whose result does not depend on the devices' batch).
+PIVOT_SEP = " @ "
+
+
+def pivoted(exp: Experiment, cells: Cells) -> Cells:
+    """The cells of a sweep table (``pivot: <evaluation column>``): the run ``"A @ B"``'s value
+    of that evaluation becomes cell (A, B)."""
+    _, columns = layout(exp)
+    out: Cells = {}
+    for run, row in cells.items():
+        name, _, column = run.partition(PIVOT_SEP)
+        for target in (columns if column == "*" else [column]):
+            out.setdefault(name, {})[target] = row.get(exp.spec["pivot"])
+    return out
+
+
+def layout(exp: Experiment) -> tuple[list[str], list[str]]:
+    """The report table's rows and columns: the runs and the evaluations (and curves), or for
+    a sweep table the two halves of the run labels."""
+    if not exp.spec.get("pivot"):
+        return list(exp.spec["runs"]), columns_of(exp)
+    halves = [run.partition(PIVOT_SEP) for run in exp.spec["runs"]]
+    if any(not sep for _, sep, _ in halves):
+        raise BnbenchError(f"experiment {exp.name}: with pivot, every run is labelled "
+                           f"'<row>{PIVOT_SEP}<column>'")
+    rows = list(dict.fromkeys(a for a, _, _ in halves))
+    columns = list(dict.fromkeys(b for _, _, b in halves if b != "*"))
+    return rows, columns
 
 
 def columns_of(exp: Experiment) -> list[str]:
@@ -228,17 +258,24 @@ def check_claims(exp: Experiment, cells: Cells,
             delta = sign * (a.mean - b.mean)  # > 0: the claim's direction
             spread = 2 * max(a.std, b.std)
             holds = delta > margin and delta > spread
-            numbers += f"; Δ = {delta:+.2f}" + (f" (margin {margin:g})" if margin else "")
+            delta = round(delta, 9) + 0.0  # (no "-0.00" from rounding noise)
+            numbers += f"; Δ = {'+' if delta > 0 else ''}{_num(delta)}" + (
+                f" (margin {margin:g})" if margin else "")
             if spread and not delta > spread:
-                numbers += f"; within 2× the seed spread ({spread:.2f})"
+                numbers += f"; within 2× the seed spread ({_num(spread)})"
         out.append({"text": claim["text"], "holds": holds, "numbers": numbers})
     return out
+
+
+def _num(x: float) -> str:
+    """Two decimals for percentages; three significant digits for small quantities."""
+    return f"{x:.2f}" if x == 0 or abs(x) >= 1 else f"{x:.3g}"
 
 
 def _fmt(value: Stat | None) -> str:
     if value is None:
         return "—"
-    return f"{value.mean:.2f}" + (f" ± {value.std:.2f}" if value.n > 1 else "")
+    return _num(value.mean) + (f" ± {_num(value.std)}" if value.n > 1 else "")
 
 
 def _table(title: str, cells: Cells, rows: list[str], columns: list[str]) -> list[str]:
@@ -265,7 +302,8 @@ def _plain_table(table: dict[str, dict[str, Any]]) -> list[str]:
 
 def _replica_note(exp: Experiment) -> list[str]:
     counts = {run: len(exp.replicas(run)) for run in exp.spec["runs"]}
-    sweeps = {c: len(o) for c, o in exp.evaluations().items() if len(o) > 1}
+    sweeps = {c: len(o) for run in exp.spec["runs"] for c, o in exp.evaluations(run).items()
+              if len(o) > 1}
     notes = []
     if any(n > 1 for n in counts.values()):
         notes.append("training runs per row: " + ", ".join(f"{r} {n}" for r, n in counts.items()))
@@ -279,7 +317,7 @@ def render(exp: Experiment, ours: Cells, paper: dict[str, Any], claims: list[dic
            analyses: dict[str, dict[str, list[dict[str, Any]]]] | None = None
            ) -> tuple[str, str]:
     """The markdown and the CSV of the report."""
-    rows, columns = list(exp.spec["runs"]), columns_of(exp)
+    rows, columns = layout(exp)
     metric = "validation error (%)" if exp.spec["metric"] == "error" else "top-1 (%)"
     info = _invocations(exp)
     md = [f"# {exp.spec['title']} — scale={exp.scale}", ""]
@@ -353,7 +391,7 @@ def _invocations(exp: Experiment) -> list[dict[str, Any]]:
 
 def _plot_cells(ax: Any, exp: Experiment, cells: Cells, title: str) -> None:
     """The metric: x = the columns, a line per row (``x: columns``) or the other way round."""
-    rows, columns = list(exp.spec["runs"]), list(exp.spec.get("evals") or {})
+    rows, columns = layout(exp)
     by_runs = exp.spec.get("x") == "runs"
     xs, lines = (rows, columns) if by_runs else (columns, rows)
     for line in lines:

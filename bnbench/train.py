@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -150,6 +152,26 @@ def restore_frozen(model: nn.Module, cfg: DictConfig, epochs_done: int) -> None:
             layer.frozen = True
 
 
+def keep_epoch(last: Path, epochs_done: int) -> Path:
+    """``trainer.keep_checkpoints``: keep ``last`` as ``epoch{E}.pt`` beside it (``E`` = epochs
+    done), for analyses over training (Rethinking Fig. 2). A hard link (``last.pt`` is replaced,
+    not rewritten, by the next checkpoint, so the link keeps this epoch's file), else a copy;
+    made under a temporary name and renamed, so a reader never sees a partial file."""
+    kept = last.with_name(f"epoch{epochs_done}.pt")
+    tmp = last.with_name(f".{kept.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(last, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(last, tmp)
+        os.replace(tmp, kept)
+    finally:
+        # (a rename onto another link of the same file does nothing and leaves ``tmp``)
+        tmp.unlink(missing_ok=True)
+    return kept
+
+
 class Trainer:
     """Holds the built objects of one run; :meth:`fit` runs it."""
 
@@ -194,7 +216,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _checkpoint(self) -> None:
-        """Rank 0 writes ``last.pt``; with several processes every rank first writes its own
+        """Rank 0 writes ``last.pt`` (and keeps it as ``epoch{E}.pt`` with
+        ``trainer.keep_checkpoints``); with several processes every rank first writes its own
         buffers (CBN's window history and the EMA are per rank) and RNG state to
         ``last.rank{r}.it{iteration}.pt``, so a resume continues each rank exactly."""
         if not self.cfg.trainer.checkpoint:
@@ -221,6 +244,8 @@ class Trainer:
                 },
                 self.ckpt_path,
             )
+            if self.cfg.trainer.keep_checkpoints:
+                keep_epoch(self.ckpt_path, self.state.epoch)
         if sharded:
             D.dist.barrier()  # last.pt is at this iteration: older shards can go
             for old in Path(folder).glob(f"last.rank{self.rank}.it*.pt"):

@@ -130,7 +130,7 @@ def test_replicas_of_a_swept_row_get_their_own_directories(tmp_path):
                                         for s in range(3)]
     (b,) = exp.replicas("B")
     assert b.name == "" and b.directory == tmp_path / "paper/x/smoke/B"
-    assert exp.evaluations()["P"] == [("stats=precise", "precise.seed=0"),
+    assert exp.evaluations("A")["P"] == [("stats=precise", "precise.seed=0"),
                                       ("stats=precise", "precise.seed=1")]
 
 

@@ -1,5 +1,6 @@
 """``bnbench analyze <name> run=<run dir> [key=value …] [force=true]``: analyses of a trained run's
-population statistics ("Rethinking 'Batch' in BatchNorm", §3.1 and appendix A.2–A.3).
+population statistics ("Rethinking 'Batch' in BatchNorm", §3.1 and appendix A.2–A.3) and of
+Cross-Iteration BN (Yao et al., CVPR 2021: its Taylor compensation, §3, and its cost).
 
 * ``channel_trace`` (§3.1, Fig. 2): for every kept checkpoint ``checkpoints/epoch{E}.pt`` (a run
   trained with ``trainer.keep_checkpoints=true``), one channel of one BN layer: its EMA mean (the
@@ -12,6 +13,13 @@ population statistics ("Rethinking 'Batch' in BatchNorm", §3.1 and appendix A.2
 * ``layerwise_error`` (appendix A.3, Table 2): how far PreciseBN's statistics at batch ``B``
   (Eq. 2, one forward per batch) and the layer-by-layer statistics at ``B`` lie from the exact
   population statistics, per layer, averaged over layers.
+* ``taylor_error`` (CBN §3): a few more SGD steps from the last checkpoint; the statistics of the
+  batch of iteration ``t−τ`` at the current weights — recomputed, Taylor-compensated as CBN does
+  (first order in the preceding conv's weights), and uncompensated — and the error of the last
+  two against the first, per ``τ`` and layer.
+* ``cost`` (CBN's cost table): on the run's architecture with BN, GN and CBN, the normalization
+  FLOPs and CBN's history memory from the layer shapes, and measured training-step and
+  inference times; at inference CBN is checked to be BN.
 
 The default layer of ``channel_trace`` and ``estimator_error`` is :data:`DEFAULT_LAYER`, the first
 BN of the third stage of bnbench's ResNets (a mid-network layer); a model without it takes the
@@ -52,10 +60,12 @@ from bnbench.errors import BnbenchError
 if TYPE_CHECKING:
     import torch
     from matplotlib.axes import Axes
+    from omegaconf import DictConfig
     from torch import Tensor, nn
 
     from bnbench.eval_app import LoadedRun
     from bnbench.evaluate import Reader
+    from bnbench.plan import BatchPlan
 
 #: ``<run>/analyses/<name>.json``.
 ANALYSES_DIR = "analyses"
@@ -89,6 +99,8 @@ _KINDS = MappingProxyType({
     "layer": "name", "channel": "index", "seed": "index", "num_batches": "count",
     "batch_size": "count or null", "num_samples": "count", "num_images": "count",
     "trials": "count", "batch_sizes": "counts", "reference_batch": "count or null",
+    "steps": "count", "window": "count", "lr": "non-negative number or null",
+    "min_run_time": "positive number",
 })
 
 
@@ -99,9 +111,14 @@ def _is_int(value: Any) -> bool:
 def check_value(key: str, value: Any) -> None:
     """``value`` is of the kind that option ``key`` takes, else one :class:`BnbenchError`."""
     kind = _KINDS[key]
-    if value is None and kind in ("name", "count or null"):
+    if value is None and (kind == "name" or kind.endswith(" or null")):
         return
-    if kind == "name":
+    if "number" in kind:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value) and (value > 0 if kind.startswith("positive") else
+                                            value >= 0))
+        what = "a " + kind
+    elif kind == "name":
         ok, what = isinstance(value, str) and value != "", "a module name or null"
     elif kind == "index":
         ok, what = _is_int(value) and value >= 0, "a non-negative integer"
@@ -714,6 +731,608 @@ def plot_layerwise_error(result: Result, ax: Axes) -> None:
     ax.legend(fontsize=7)
 
 
+# -- taylor_error (CBN §3) ----------------------------------------------------------------------
+
+
+def labelled_batches(reader: Reader, batch_size: int, count: int,
+                     seed: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``count`` random augmented training batches ``(images, labels)`` of
+    ``batch_size`` (a loader seeded ``seed``, epoch after epoch when one epoch has fewer), in the
+    model's input precision: SGD batches for steps taken by an analysis."""
+    loader = reader.loader("train", batch_size, augment=True, shuffle=True, drop_last=True,
+                           seed=seed)
+    if len(loader) == 0:
+        raise BnbenchError(f"batch_size={batch_size}: more than the training set has "
+                           f"({reader.data.train_size})")
+    out: list[tuple[Tensor, Tensor]] = []
+    epoch = 0
+    while len(out) < count:
+        loader.set_epoch(epoch)
+        for x, y in reader.cast(loader):
+            out.append((x, y))
+            if len(out) == count:
+                break
+        epoch += 1
+    return out
+
+
+def taylor_layers(model: nn.Module,
+                  name: str | None) -> list[tuple[str, nn.Module, nn.Conv2d]]:
+    """``(name, layer, conv)`` of every BN-family layer (:func:`bn_layers`) that directly follows
+    a conv — a CBN layer's paired conv, else the conv that CBN would pair it with
+    (:func:`bnbench.norm.cbn.preceding_conv`) — or of the one named ``name``."""
+    from bnbench.norm.cbn import preceding_conv
+
+    found = []
+    for layer_name, layer in bn_layers(model):
+        conv = getattr(layer, "paired_conv", None)
+        if conv is None:
+            conv = preceding_conv(model, layer_name)
+        if conv is not None:
+            found.append((layer_name, layer, conv))
+    if name is None:
+        if not found:
+            raise BnbenchError(f"{type(model).__name__}: no BatchNorm layer directly follows a "
+                               "Conv2d (the Taylor expansion is over that conv's weights)")
+        return found
+    chosen = [site for site in found if site[0] == name]
+    if not chosen:
+        shown = ", ".join(n for n, _, _ in found[:6]) + (", …" if len(found) > 6 else "")
+        raise BnbenchError(f"layer={name}: not a BatchNorm layer that follows a Conv2d; the "
+                           f"{len(found)} such layers are: {shown}")
+    return chosen
+
+
+@dataclass(frozen=True)
+class History:
+    """One layer's recorded iterations in the buffers of a CBN layer's window, as
+    :func:`bnbench.norm.cbn.record` writes and :func:`bnbench.norm.cbn.compensate` reads them
+    (shapes in :class:`bnbench.norm.cbn.CrossIterationBatchNorm2d`'s docstring, ``L`` slots,
+    ``P = C_in/groups·kh·kw``): ``mean``, ``var`` ``(L, C)``; ``state`` ``[count, next slot]``;
+    ``dmean`` ``(L, groups, P)`` = ∂μ/∂W; ``dmean_ref`` ``(L, C)`` = ``⟨∂μ/∂W, W⟩ + b`` and
+    ``dvar_ref`` ``(L, C)`` = ``⟨∂σ²/∂W, W⟩`` at the recorded weights; ``dvar`` ``(C, L, P)``
+    = ∂σ²_j/∂W_j. With ``L`` = the steps, the ring never wraps: slot ``s`` is step ``s``."""
+
+    mean: Tensor
+    var: Tensor
+    state: Tensor
+    dmean: Tensor
+    dmean_ref: Tensor
+    dvar: Tensor
+    dvar_ref: Tensor
+
+    @classmethod
+    def empty(cls, conv: nn.Conv2d, length: int, dtype: torch.dtype) -> History:
+        import torch
+
+        c, p, device = conv.out_channels, conv.weight[0].numel(), conv.weight.device
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(zeros(length, c), zeros(length, c),
+                   torch.zeros(2, dtype=torch.long, device=device), zeros(length, conv.groups, p),
+                   zeros(length, c), zeros(c, length, p), zeros(length, c))
+
+    def jacobians(self, conv: nn.Conv2d) -> tuple[Tensor, ...]:
+        """:func:`bnbench.norm.cbn.compensate`'s ``jacobians`` at ``conv``'s current weights."""
+        w, b = conv_weights(conv, self.mean.dtype)
+        return (w, b, self.dmean, self.dmean_ref, self.dvar, self.dvar_ref)
+
+
+def conv_weights(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The conv's ``(W (C, P), b (C,))`` in ``dtype`` (``b = 0`` without a bias), detached."""
+    w, b = conv.weight.detach(), conv.bias
+    b = w.new_zeros(conv.out_channels) if b is None else b.detach()
+    return w.to(dtype).reshape(conv.out_channels, -1), b.to(dtype)
+
+
+if TYPE_CHECKING:
+    #: ``(conv_input, y, dtype) → (∂μ/∂W, ∂σ²/∂W)``.
+    JacobiansFn = Callable[[Tensor, Tensor, torch.dtype], tuple[Tensor, Tensor]]
+
+
+def jacobians_of(layer: nn.Module, conv: nn.Conv2d) -> JacobiansFn:
+    """``(conv_input, y, dtype) → (∂μ/∂W, ∂σ²/∂W)`` by the CBN code: a CBN layer's own
+    :meth:`~bnbench.norm.cbn.CrossIterationBatchNorm2d.jacobians` (its ``jacobian_dtype``), for
+    any other layer :func:`bnbench.norm.cbn.conv_jacobians` (exact)."""
+    from functools import partial
+
+    from bnbench.norm.cbn import CrossIterationBatchNorm2d, conv_jacobians
+
+    if isinstance(layer, CrossIterationBatchNorm2d) and layer.paired_conv is conv:
+        return layer.jacobians
+    return partial(conv_jacobians, conv)
+
+
+def record_iteration(history: History, conv: nn.Conv2d, jacobians: JacobiansFn,
+                     conv_input: Tensor, y: Tensor) -> None:
+    """Store one iteration as a CBN layer does (:func:`bnbench.norm.cbn.record`): the batch's
+    ``μ``, ``σ²`` (biased) of the conv output ``y``, ``∂μ/∂W``, ``∂σ²/∂W`` and, at the conv's
+    current weights ``W_{t−τ}``, the references ``e_μ``, ``e_σ``."""
+    from bnbench.norm.base import batch_moments
+    from bnbench.norm.cbn import record
+
+    dtype = history.mean.dtype
+    mean, var = (t.to(dtype) for t in batch_moments(y.detach()))
+    dmean, dvar = jacobians(conv_input, y, dtype)
+    # record() centres the entry's D by μ − c; with c = μ it is stored as given (∂σ²/∂W).
+    record(mean, var, history.mean, history.var, history.state, (dmean, dvar, mean),
+           history.jacobians(conv))
+
+
+def conv_outputs(model: nn.Module, convs: Sequence[nn.Conv2d], x: Tensor,
+                 visit: Callable[[int, Tensor, Tensor], None]) -> None:
+    """Forward ``x`` with every BN-family layer normalizing with ``x``'s own statistics
+    (PreciseBN's observed forward: no buffer changes, CBN's window unused), calling
+    ``visit(i, conv input, conv output)`` for ``convs[i]``. The statistics of a batch are thus a
+    function of the weights alone, ``μ_B(θ)``: what the Taylor expansion approximates."""
+    import torch
+
+    from bnbench.population import observing, population_layers
+
+    calls = [0] * len(convs)
+
+    def hook(i: int) -> Callable[..., None]:
+        def seen(conv: nn.Module, args: tuple, out: Tensor) -> None:
+            calls[i] += 1
+            visit(i, args[0], out)
+        return seen
+
+    handles = [conv.register_forward_hook(hook(i)) for i, conv in enumerate(convs)]
+    was_training = model.training
+    model.eval()  # (other layers as at inference; observed BN layers use the batch regardless)
+    try:
+        with torch.no_grad(), observing(population_layers(model), lambda *report: None):
+            model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    odd = [n for n in calls if n != 1]
+    if odd:
+        raise BnbenchError(f"a conv before a BN layer ran {odd[0]} times in one forward; the "
+                           "statistics of its layer are those of its one call")
+
+
+def run_optimizer(model: nn.Module, cfg: DictConfig, state: Mapping[str, Any] | None,
+                  lr: float) -> torch.optim.Optimizer:
+    """The run's SGD (``optim.*``: momentum, Nesterov, weight decay and its groups) at a constant
+    learning rate ``lr``, continuing from the checkpoint's optimizer ``state`` (its momentum
+    buffers) when there is one."""
+    import torch
+
+    from bnbench.train import param_groups
+
+    o = cfg.optim
+    optimizer = torch.optim.SGD(param_groups(model, o.weight_decay, o.no_wd_norm_bias), lr=lr,
+                                momentum=o.momentum, nesterov=o.nesterov)
+    if state:
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as err:
+            raise BnbenchError(f"the checkpoint's optimizer state does not fit the model: "
+                               f"{err}") from err
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # (load_state_dict brought back the schedule's last rate)
+    return optimizer
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+             cfg: DictConfig) -> None:
+    """One training step as :class:`bnbench.train.Trainer` takes it: the model in training mode
+    (its own normalization: a CBN run's window), bf16 autocast if the run used it, cross-entropy
+    with the run's label smoothing, backward, SGD."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bool(cfg.trainer.bf16)):
+        logits = model(x)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def peak_lr(cfg: DictConfig, plan: BatchPlan, processes: int) -> float:
+    """The run's schedule at its peak: ``optim.lr · B/256`` with ``B`` its global SGD batch
+    (``per_process × processes``); :func:`bnbench.train.lr_at` after the warmup."""
+    return float(cfg.optim.lr) * plan.per_process * processes / 256
+
+
+def compute_taylor_error(run_dir: Path, options: Options, *, device: str = "auto") -> Result:
+    """CBN §3: how well the first-order Taylor expansion brings the statistics of an earlier
+    iteration to the current weights, against the uncompensated ("naive") statistics.
+
+    From the last checkpoint (a copy of the model; nothing is written to the run), ``steps``
+    further SGD steps ``t−S … t−1`` (``S`` = steps) on random augmented training batches of the
+    run's per-process size, with the run's optimizer (:func:`run_optimizer`, its momentum
+    buffers) at the constant rate ``lr`` (``null``: the schedule's peak, :func:`peak_lr`; at the
+    end of a cosine schedule the rate is ~0 and the weights would not move). The steps use the
+    run's own normalization (a CBN run: its window). Before step ``t−τ``, at its weights
+    ``W_{t−τ}``, each layer stores its batch's statistics and Jacobians exactly as a CBN layer
+    does (:func:`record_iteration`). Then, at the final weights ``W_t``, per layer and ``τ``:
+
+    * (a) exact: ``μ_{t−τ}(W_t)``, ``σ²_{t−τ}(W_t)``, the old batch forwarded again;
+    * (b) compensated (:func:`bnbench.norm.cbn.compensate`, ``ρ = 1``, clamp):
+      ``μ_{t−τ}(W_t) ≈ μ_{t−τ} + ⟨∂μ/∂W, W_t − W_{t−τ}⟩`` (+ the bias change) and
+      ``σ²_{t−τ}(W_t) ≈ max(σ²_{t−τ} + ⟨∂σ²/∂W, W_t − W_{t−τ}⟩ − Δμ², 0)`` — the paper's
+      compensated ``ν − μ²``;
+    * (c) naive: ``μ_{t−τ}(W_{t−τ})``, ``σ²_{t−τ}(W_{t−τ})``.
+
+    The statistics of a batch are those of the conv output with every BN layer normalizing
+    with that batch (:func:`conv_outputs`; for any BN-family run, CBN or not: a BN run gets
+    the same Jacobian code through :func:`bnbench.norm.cbn.conv_jacobians`, so the errors say
+    what CBN's compensation would do on that run's trajectory). ``W`` is the conv directly before
+    the layer (paper §3: earlier layers' weights are left out); their changes are what (b)
+    still misses: for the first layer (the images as input) the mean is exact and the variance
+    error is second order in the step, deeper layers add the truncation.
+
+    Errors ``‖s − s_exact‖ / ‖s_exact‖`` over the channels (:func:`relative_error`), per layer
+    (``per_layer``) and averaged over the layers (table rows ``τ=1…S``; scalars
+    ``{compensated,naive}_{mean,var}_err_tau{τ}``, ``ratio_naive_over_compensated_{mean,var}_
+    tau1``). ``weight_change``: ``‖W_t − W_{t−τ}‖/‖W_t‖`` over the layers' convs, per ``τ``.
+    Statistics in the layers' precision (fp32; fp64 for fp64 runs).
+    """
+    import torch
+
+    from bnbench import checkpoint as ckpt
+    from bnbench.norm.base import batch_moments, statistics_dtype
+    from bnbench.norm.cbn import compensate
+
+    path = _last_checkpoint(run_dir)
+    run = load_checkpoint(run_dir, path, device)
+    model, cfg, steps = run.parts.model, run.cfg, options["steps"]
+    sites = taylor_layers(model, options["layer"])
+    convs = [conv for _, _, conv in sites]
+    saved = ckpt.load(path, run.device)
+    processes = int(saved.get("config", {}).get("dist", {}).get("nproc", 1) or 1)
+    lr = peak_lr(cfg, run.parts.plan, processes) if options["lr"] is None else options["lr"]
+    optimizer = run_optimizer(model, cfg, saved.get("optimizer"), float(lr))
+    batches = labelled_batches(run.reader, run.parts.plan.per_process, steps, options["seed"])
+    dtype = statistics_dtype(convs[0].weight)
+    histories = [History.empty(conv, steps, dtype) for conv in convs]
+    jacobians = [jacobians_of(layer, conv) for _, layer, conv in sites]
+
+    def store(i: int, conv_input: Tensor, y: Tensor) -> None:
+        record_iteration(histories[i], convs[i], jacobians[i], conv_input, y)
+
+    weights = []  # W_{t−τ} of the layers' convs (for weight_change only)
+    for x, y in batches:
+        weights.append(torch.cat([c.weight.detach().flatten().to(dtype) for c in convs]))
+        conv_outputs(model, convs, x, store)
+        sgd_step(model, optimizer, x, y, cfg)
+    final = torch.cat([c.weight.detach().flatten().to(dtype) for c in convs])
+
+    exact: list[list[tuple[Tensor, Tensor]]] = [[] for _ in sites]
+    for x, _ in batches:  # (a): every old batch at W_t
+        conv_outputs(model, convs, x,
+                     lambda i, _, y: exact[i].append(tuple(t.to(dtype) for t in batch_moments(y))))
+    taus = list(range(1, steps + 1))
+    kinds = [f"{way}_{stat}" for stat in ("mean", "var") for way in ("compensated", "naive")]
+    per_layer: dict[str, dict[str, list[float | None]]] = {}
+    for (name, _, conv), history, truth in zip(sites, histories, exact):
+        with torch.no_grad():
+            mean, var, _ = compensate(history.mean, history.var, False, 1.0,
+                                      *history.jacobians(conv))
+        estimates = {"compensated_mean": mean, "compensated_var": var,
+                     "naive_mean": history.mean, "naive_var": history.var}
+        per_layer[name] = {kind: [] for kind in kinds}
+        for tau in taus:
+            slot = steps - tau  # the batch of step t−τ
+            exact_mean, exact_var = truth[slot]
+            for kind in kinds:
+                reference = exact_var if kind.endswith("var") else exact_mean
+                error = relative_error(estimates[kind][slot], reference)
+                per_layer[name][kind].append(_finite(error))
+    rows, scalars = {}, {}
+    for i, tau in enumerate(taus):
+        row = {}
+        for kind in kinds:
+            value = _mean_of([errors[kind][i] for errors in per_layer.values()])
+            row[kind.replace("_", " ") + " err"] = value
+            scalars[f"{kind}_err_tau{tau}"] = value
+        rows[f"τ={tau}"] = row
+    for stat in ("mean", "var"):
+        naive, comp = scalars[f"naive_{stat}_err_tau1"], scalars[f"compensated_{stat}_err_tau1"]
+        scalars[f"ratio_naive_over_compensated_{stat}_tau1"] = (
+            _finite(naive / comp) if naive is not None and comp else None)
+    change = [_finite(float((final - w).norm() / final.norm().clamp_min(1e-30)))
+              for w in reversed(weights)]
+    return {"table": rows, "scalars": scalars, "taus": taus, "lr": float(lr), "steps": steps,
+            "batch_size": run.parts.plan.per_process, "layers": [n for n, _, _ in sites],
+            "norm": cfg.norm.name, "per_layer": per_layer, "weight_change": change}
+
+
+def plot_taylor_error(result: Result, ax: Axes) -> None:
+    """Relative error against ``τ`` (log): compensated solid, naive dashed; mean blue, variance
+    orange."""
+    taus, scalars = result["taus"], result["scalars"]
+    for stat, color in (("mean", "tab:blue"), ("var", "tab:orange")):
+        for way, style in (("compensated", "-"), ("naive", "--")):
+            ax.plot(taus, [scalars[f"{way}_{stat}_err_tau{t}"] for t in taus], style,
+                    marker=".", color=color, label=f"{way} {stat}")
+    ax.set_yscale("log", nonpositive="clip")
+    ax.set_xlabel("iterations back τ")
+    ax.set_ylabel("relative error vs recomputed at W_t")
+    ax.legend(fontsize=7)
+
+
+# -- cost (CBN paper's cost table) ------------------------------------------------------------
+
+#: The normalizations of the cost table (rows).
+COST_NORMS = ("bn", "gn", "cbn")
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """One normalization layer of an architecture, by its shapes: its input ``shape``
+    ``(N, C, H, W)`` (the output of the conv before it), that conv's input ``conv_input``
+    ``(N, C_in, H_in, W_in)``, ``weight`` ``(C, C_in/groups, kh, kw)`` and ``groups``."""
+
+    name: str
+    shape: tuple[int, ...]
+    conv_input: tuple[int, ...]
+    weight: tuple[int, ...]
+    groups: int
+
+    @property
+    def elements(self) -> int:
+        """``E = N·C·H·W``, the values the layer normalizes."""
+        return math.prod(self.shape)
+
+    @property
+    def per_filter(self) -> int:
+        """``P = C_in/groups·kh·kw``, the weights of one output channel."""
+        return math.prod(self.weight[1:])
+
+
+def norm_flops(site: NormSite, norm: str, window: int, *,
+               training: bool = True) -> dict[str, int]:
+    """FLOPs of one forward of the layer at ``site`` (a multiply-add is 2), by term, with
+    ``E = N·C·H·W``, ``P = C_in/groups·kh·kw`` and ``k`` = ``window``:
+
+    * ``statistics``: ``Σx`` and ``Σx²`` per channel (GN: per sample and group): ``3E``, in
+      training for BN and CBN, always for GN (it has no population statistics);
+    * ``normalize``: ``y = a·x + b`` with the affine folded into ``a, b``: ``2E``;
+    * CBN in training with ``k > 1`` (what :mod:`bnbench.norm.cbn` computes, one device, exact
+      Jacobians):
+
+      - ``jacobian_mean``, ``∂μ/∂W``: the conv's input summed over the samples (one add per
+        input value), then one weight-gradient convolution of that sum against ones:
+        ``N·C_in·H_in·W_in + 2·H·W·C_in·kh·kw``;
+      - ``jacobian_var``, ``∂σ²/∂W``: the conv's weight gradient for ``2y/M`` — ``2·E·P``,
+        as many as the conv's own forward — then its scaling and centring (a rank-1 update):
+        ``3·C·P``;
+      - ``references``: ``e_μ = ⟨∂μ/∂W, W⟩ + b``, ``e_σ = ⟨∂σ²/∂W, W⟩`` of the new entry:
+        ``4·C·P``;
+      - ``compensation``: ``⟨∂μ/∂W, W_t⟩`` and ``⟨∂σ²/∂W, W_t⟩`` of the ``k − 1`` stored
+        entries (CBN paper §3, Eq. for ``μ_{t−τ}(θ_t)``, ``ν_{t−τ}(θ_t)``): ``4·(k−1)·C·P``.
+
+    At inference BN and CBN are the same layer (population statistics: ``normalize`` only).
+    Per-channel terms (``O(k·C)``: the affine fold, the window average) are left out.
+    """
+    e = site.elements
+    batch_stats = training or norm == "gn"
+    terms = {"statistics": 3 * e if batch_stats else 0, "normalize": 2 * e}
+    if norm == "cbn" and training and window > 1:
+        c, p = site.shape[1], site.per_filter
+        h, w = site.shape[2], site.shape[3]
+        terms["jacobian_mean"] = math.prod(site.conv_input) + 2 * h * w * site.groups * p
+        terms["jacobian_var"] = 2 * e * p + 3 * c * p
+        terms["references"] = 4 * c * p
+        terms["compensation"] = 4 * (window - 1) * c * p
+    return terms
+
+
+def history_bytes(site: NormSite, window: int, element_size: int) -> int:
+    """Bytes of a CBN layer's history (its buffers beyond BN's, one device): per stored entry
+    (``k − 1`` of them) ``μ, σ², e_μ, e_σ`` (``C`` each), ``∂μ/∂W`` (``groups·P``) and
+    ``∂σ²/∂W`` (``C·P``), in the statistics' precision (``element_size`` bytes), and the ring's
+    ``[count, next slot]`` (2 int64): ``(k−1)·(4C + (groups + C)·P)·element_size + 16``. No
+    Jacobians are kept with ``k = 1`` (BN)."""
+    c, p = site.shape[1], site.per_filter
+    return (window - 1) * (4 * c + (site.groups + c) * p) * element_size + 16
+
+
+def conv_flops(output: tuple[int, ...], weight: tuple[int, ...]) -> int:
+    """Forward FLOPs of a conv: ``2·N·H_out·W_out·C_out·(C_in/groups)·kh·kw`` =
+    ``2·numel(output)·P``."""
+    return 2 * math.prod(output) * math.prod(weight[1:])
+
+
+def norm_sites(model: nn.Module, x: Tensor) -> tuple[list[NormSite], int]:
+    """The BN layers of ``model`` (built with ``norm=bn``) as :class:`NormSite` from one forward
+    of ``x`` at inference, each with the conv CBN pairs it with
+    (:func:`bnbench.norm.cbn.preceding_conv`), and the forward FLOPs of all of the model's
+    convs (:func:`conv_flops`)."""
+    import torch
+    from torch import nn
+
+    from bnbench.norm.cbn import preceding_conv
+
+    shapes: dict[nn.Module, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def seen(module: nn.Module, args: tuple, out: Tensor) -> None:
+        shapes[module] = (tuple(args[0].shape), tuple(out.shape))
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    layers = bn_layers(model)
+    handles = [m.register_forward_hook(seen) for m in [*convs, *(m for _, m in layers)]]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    sites = []
+    for name, layer in layers:
+        conv = preceding_conv(model, name)
+        if conv is None or conv not in shapes or layer not in shapes:
+            raise BnbenchError(f"cost: layer {name} does not directly follow a Conv2d that ran "
+                               "in the forward; CBN pairs every layer with one")
+        sites.append(NormSite(name, shapes[layer][0], shapes[conv][0], tuple(conv.weight.shape),
+                              conv.groups))
+    total = sum(conv_flops(shapes[m][1], tuple(m.weight.shape)) for m in convs if m in shapes)
+    return sites, total
+
+
+def build_variant(cfg: DictConfig, norm: str, options: Mapping[str, Any], num_classes: int,
+                  device: torch.device, seed: int) -> nn.Module:
+    """The run's architecture (``cfg.model``) with normalization ``norm`` (``options``),
+    initialized from ``seed``, on ``device`` in the run's precision and memory format (as
+    :func:`bnbench.train.build_run` builds it)."""
+    import torch
+
+    from bnbench.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, norm, dict(options), num_classes).to(device)
+    if cfg.trainer.float64:
+        model = model.double()
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def predict(model: nn.Module, x: Tensor, cfg: DictConfig) -> Tensor:
+    """One inference forward (population statistics; bf16 autocast if the run used it)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16,
+                                         enabled=bool(cfg.trainer.bf16)):
+        return model(x)
+
+
+def median_seconds(fn: Callable[[], Any], min_run_time: float) -> float:
+    """The median time of ``fn()`` by ``torch.utils.benchmark`` (``blocked_autorange``; CUDA
+    synchronized), with the threads the process has (the run's ``trainer.threads``)."""
+    import torch
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                            num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def inference_equal(cbn_model: nn.Module, bn_model: nn.Module, x: Tensor,
+                    cfg: DictConfig) -> tuple[bool, float | None]:
+    """Whether ``cbn_model`` at inference equals ``bn_model`` given its parameters and
+    population statistics (its state dict less CBN's history), bit for bit, and the largest
+    difference of the outputs."""
+    keys = bn_model.state_dict().keys()
+    bn_model.load_state_dict({k: v for k, v in cbn_model.state_dict().items() if k in keys})
+    a, b = predict(cbn_model, x, cfg), predict(bn_model, x, cfg)
+    return bool(a.equal(b)), _finite(float((a.double() - b.double()).abs().max()))
+
+
+def compute_cost(run_dir: Path, options: Options, *, device: str = "auto") -> Result:
+    """The CBN paper's cost table (theoretical memory and FLOPs, measured training and inference
+    speed) for BN, GN and CBN on the run's architecture (its config; its weights are unused).
+
+    Theoretical, per normalization layer from its shapes (one forward of a batch of
+    ``batch_size`` training images, ``null``: the run's per-process batch), summed over the
+    model: the training-forward FLOPs of the normalization (:func:`norm_flops`; for CBN with the
+    Jacobians and the compensation over the window of ``window`` iterations), also as a
+    fraction of the forward FLOPs of the model's convs (:func:`conv_flops`), and CBN's extra
+    memory, its history (:func:`history_bytes`; BN and GN keep nothing across iterations beyond
+    BN's population statistics: 0). MB and M are 10⁶.
+
+    Measured (``torch.utils.benchmark``, median of ``blocked_autorange(min_run_time)``): one
+    training step (forward, cross-entropy, backward, SGD with the run's settings at rate 0: the
+    same work, a model that stays put) and one inference forward, on the same batch, for each
+    model built from ``seed`` with the layer's defaults (GN: 32 groups or the largest divisor of
+    C below; CBN: ``window``, no burn-in, ρ = 1, exact Jacobians), after ``window + 1`` steps
+    (a full window). At inference CBN is BN (population statistics, the same kernel): checked
+    by giving a BN model the CBN model's parameters and statistics after its steps and
+    comparing the outputs (``inference_equal_to_bn``, bit for bit).
+    """
+    import torch
+
+    run = load_checkpoint(run_dir, _last_checkpoint(run_dir), device)
+    cfg, window, seed = run.cfg, options["window"], options["seed"]
+    batch_size = options["batch_size"] or run.parts.plan.per_process
+    x, y = labelled_batches(run.reader, batch_size, 1, seed)[0]
+    classes = run.parts.data.num_classes
+    layer_options = {"bn": {}, "gn": {}, "cbn": {"window": window, "burnin": 0}}
+    models = {norm: build_variant(cfg, norm, layer_options[norm], classes, run.device, seed)
+              for norm in COST_NORMS}
+    sites, total_conv = norm_sites(models["bn"], x)
+    element_size = 8 if cfg.trainer.float64 else 4  # CBN's history: fp32 (fp64 models: fp64)
+    flops = {norm: sum(sum(norm_flops(s, norm, window).values()) for s in sites)
+             for norm in COST_NORMS}
+    inference_flops = {norm: sum(sum(norm_flops(s, norm, window, training=False).values())
+                                 for s in sites) for norm in COST_NORMS}
+    memory = {"bn": 0, "gn": 0, "cbn": sum(history_bytes(s, window, element_size)
+                                           for s in sites)}
+    seconds: dict[str, dict[str, float]] = {}
+    for norm, model in models.items():
+        optimizer = run_optimizer(model, cfg, None, 0.0)
+
+        def step(model: nn.Module = model, optimizer: Any = optimizer) -> None:
+            sgd_step(model, optimizer, x, y, cfg)
+
+        for _ in range(window + 1):  # CBN's window full, allocations made
+            step()
+        train = median_seconds(step, options["min_run_time"])
+        predict(model, x, cfg)
+        infer = median_seconds(lambda model=model: predict(model, x, cfg),
+                               options["min_run_time"])
+        seconds[norm] = {"train": train, "inference": infer}
+    equal, difference = inference_equal(models["cbn"], models["bn"], x, cfg)
+    rows, per_layer = {}, {}
+    for norm in COST_NORMS:
+        rows[norm] = {
+            "norm FLOPs (M)": flops[norm] / 1e6,
+            "norm extra memory (MB)": memory[norm] / 1e6,
+            "fraction of conv FLOPs": flops[norm] / total_conv,
+            "train step (ms)": 1e3 * seconds[norm]["train"],
+            "inference (ms)": 1e3 * seconds[norm]["inference"],
+            "train vs bn": seconds[norm]["train"] / seconds["bn"]["train"],
+            "inference vs bn": seconds[norm]["inference"] / seconds["bn"]["inference"],
+        }
+    for s in sites:
+        per_layer[s.name] = {**{f"{norm}_flops": sum(norm_flops(s, norm, window).values())
+                                for norm in COST_NORMS},
+                             "cbn_history_bytes": history_bytes(s, window, element_size)}
+    cbn_terms: dict[str, int] = {}
+    for s in sites:
+        for term, value in norm_flops(s, "cbn", window).items():
+            cbn_terms[term] = cbn_terms.get(term, 0) + value
+    scalars = {"cbn_train_vs_bn": rows["cbn"]["train vs bn"],
+               "cbn_infer_vs_bn": rows["cbn"]["inference vs bn"],
+               "gn_train_vs_bn": rows["gn"]["train vs bn"],
+               "gn_infer_vs_bn": rows["gn"]["inference vs bn"],
+               "cbn_extra_memory_mb": memory["cbn"] / 1e6,
+               "cbn_flops_fraction": rows["cbn"]["fraction of conv FLOPs"],
+               "cbn_inference_equals_bn": 1.0 if equal else 0.0}
+    return {"table": rows, "scalars": scalars, "window": window, "batch_size": batch_size,
+            "input_shape": list(x.shape), "device": str(run.device),
+            "threads": torch.get_num_threads(), "conv_flops": total_conv, "flops": flops,
+            "inference_flops": inference_flops, "extra_memory_bytes": memory,
+            "cbn_flops_terms": cbn_terms, "seconds": seconds, "per_layer": per_layer,
+            "inference_equal_to_bn": equal, "inference_max_abs_diff": difference}
+
+
+def plot_cost(result: Result, ax: Axes) -> None:
+    """Measured time relative to BN per normalization: training step and inference bars."""
+    norms = list(result["table"])
+    for offset, (column, color) in ((-0.2, ("train vs bn", "tab:blue")),
+                                    (0.2, ("inference vs bn", "tab:orange"))):
+        ax.bar([i + offset for i in range(len(norms))],
+               [result["table"][n][column] for n in norms], width=0.4, color=color, label=column)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(norms)), norms)
+    ax.set_ylabel(f"time relative to BN (batch {result['batch_size']}, {result['device']})")
+    ax.legend(fontsize=7)
+
+
 # -- the registry -------------------------------------------------------------------------------
 
 ANALYSES: Mapping[str, Analysis] = MappingProxyType({
@@ -741,6 +1360,18 @@ ANALYSES: Mapping[str, Analysis] = MappingProxyType({
         "appendix A.3: error of PreciseBN and layer-by-layer statistics vs B",
         _check_layerwise_error,
     ),
+    "taylor_error": Analysis(
+        compute_taylor_error,
+        MappingProxyType({"layer": None, "steps": 8, "lr": None, "seed": 0}),
+        plot_taylor_error,
+        "CBN §3: error of Taylor-compensated vs naive statistics of iteration t−τ at W_t",
+    ),
+    "cost": Analysis(
+        compute_cost,
+        MappingProxyType({"window": 4, "batch_size": None, "min_run_time": 1.0, "seed": 0}),
+        plot_cost,
+        "CBN cost table: norm FLOPs, CBN's memory, measured train/inference time (BN, GN, CBN)",
+    ),
 })
 
 #: What ``null`` means for options whose default depends on the run or on other options.
@@ -748,6 +1379,10 @@ _NULL_MEANS = MappingProxyType({
     "layer": f"{DEFAULT_LAYER}, else the middle BN layer",
     "batch_size": "the run's training normalization batch",
     "reference_batch": "num_samples",
+    # (an analysis whose null means something else: "<analysis>.<option>")
+    "taylor_error.layer": "every BN layer that follows a conv",
+    "taylor_error.lr": "the run's peak rate, optim.lr x global batch / 256",
+    "cost.batch_size": "the run's per-process training batch",
 })
 _DEFAULT_SIZES = MappingProxyType({
     "estimator_error": "[2,4,10,100,1000] capped at num_samples",
@@ -817,7 +1452,8 @@ def usage() -> str:
     for name, analysis in ANALYSES.items():
         lines.append(f"  {name}: {analysis.summary}")
         for key, value in analysis.defaults.items():
-            meaning = _DEFAULT_SIZES[name] if key == "batch_sizes" else _NULL_MEANS.get(key)
+            meaning = (_DEFAULT_SIZES[name] if key == "batch_sizes"
+                       else _NULL_MEANS.get(f"{name}.{key}", _NULL_MEANS.get(key)))
             note = f"  (null: {meaning})" if value is None and meaning else ""
             lines.append(f"      {key}={_spelled(value)}{note}")
     return "\n".join(lines)

@@ -458,6 +458,7 @@ _PEER_LOST = (
     "Connection reset by peer",
     "remote worker",
     "Timed out waiting",
+    "caused pair closure",  # gloo, when its timeout hits inside the backward's all-reduce
 )
 _TIMED_OUT = re.compile(r"Timed out waiting (\d+)ms|timed out|timeout", re.IGNORECASE)
 #: Seconds that the ranks left after a failed collective wait for each other's roll call.

@@ -10,6 +10,7 @@ against PyTorch's own running-statistics update.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import math
@@ -314,6 +315,216 @@ def test_layerwise_error_command(run):
     _render(A.ANALYSES["layerwise_error"].plot, result)
 
 
+# -- taylor_error (CBN §3) --------------------------------------------------------------------
+
+CBN_TINY = [*(o for o in TINY if not o.startswith(("trainer.epochs", "trainer.keep_checkpoints"))),
+            "trainer.epochs=1", "norm=cbn", "norm.burnin=0", "trainer.float64=true"]
+
+
+@pytest.fixture(scope="module")
+def trained_cbn(tmp_path_factory) -> Path:
+    """A CBN run (window 4, no burn-in) in float64, so that second-order terms stand far above
+    the rounding."""
+    cwd = tmp_path_factory.mktemp("trained_cbn")
+    env = {**os.environ, "BNBENCH_CACHE": str(cwd / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "bnbench", "train", *CBN_TINY,
+                           "hydra.run.dir=run"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return cwd / "run"
+
+
+@pytest.fixture
+def cbn_run(trained_cbn, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the CBN run."""
+    monkeypatch.setenv("BNBENCH_CACHE", str(trained_cbn.parent / "cache"))
+    copy_dir = tmp_path / "cbn_run"
+    shutil.copytree(trained_cbn, copy_dir)
+    monkeypatch.chdir(tmp_path)
+    return copy_dir
+
+
+def _taylor(run: Path, **options) -> dict:
+    return A.compute_taylor_error(run, {**A.ANALYSES["taylor_error"].defaults, **options},
+                                  device="cpu")
+
+
+def test_taylor_error_at_rate_zero_every_estimate_is_exact(cbn_run):
+    before = _tree(cbn_run)
+    assert _analyze("taylor_error", f"run={cbn_run}", "steps=2", "lr=0", "device=cpu") == 0
+    record = A.read_analysis(cbn_run, "taylor_error")
+    assert record["options"] == {"layer": None, "steps": 2, "lr": 0, "seed": 0}
+    result = record["result"]
+    assert result["norm"] == "cbn" and len(result["layers"]) == 20
+    assert list(result["table"]) == ["τ=1", "τ=2"]
+    assert result["weight_change"] == [0.0, 0.0]
+    for errors in result["per_layer"].values():  # W_t = W_{t−τ}: (b) = (c) = (a)
+        assert errors["naive_mean"] == errors["naive_var"] == [0.0, 0.0]
+        assert max(errors["compensated_mean"] + errors["compensated_var"]) < 1e-13
+    after = _tree(cbn_run)  # the run itself is not written
+    assert {k: v for k, v in after.items() if not k.startswith("analyses")} == before
+    _render(A.ANALYSES["taylor_error"].plot, result)
+
+
+def test_taylor_error_is_second_order_in_the_step_for_the_first_layer(cbn_run):
+    """bn1 normalizes conv1 of the images: its mean is linear in W (compensated exactly) and its
+    variance quadratic, so halving the step halves the naive error and quarters the
+    compensated one."""
+    small, large = (_taylor(cbn_run, layer="bn1", steps=2, lr=lr) for lr in (1e-4, 2e-4))
+    assert small["layers"] == ["bn1"]
+    for tau in (1, 2):
+        s, g = small["scalars"], large["scalars"]
+        for stat in ("mean", "var"):
+            ratio = g[f"naive_{stat}_err_tau{tau}"] / s[f"naive_{stat}_err_tau{tau}"]
+            assert ratio == pytest.approx(2, rel=0.05), (stat, tau)
+        assert g[f"compensated_var_err_tau{tau}"] / s[f"compensated_var_err_tau{tau}"] == \
+            pytest.approx(4, rel=0.1)
+        assert s[f"compensated_var_err_tau{tau}"] < 0.01 * s[f"naive_var_err_tau{tau}"]
+        assert s[f"compensated_mean_err_tau{tau}"] < 1e-12
+    assert small["weight_change"][1] == pytest.approx(2 * small["weight_change"][0], rel=0.1)
+
+
+@pytest.mark.parametrize("path", ["cbn_layer", "conv_jacobians"])
+def test_taylor_terms_equal_finite_differences(cbn_run, path):
+    """A deep layer's stored entry, compensated to a change of its own conv only, against the
+    exact statistics and a central difference of σ² (quadratic in W: exact) computed here; by
+    the CBN layer's own Jacobians and by conv_jacobians (what a BN run uses)."""
+    from bnbench.norm.cbn import compensate, conv_jacobians
+
+    loaded = _loaded(cbn_run)
+    model = loaded.parts.model
+    [(name, layer, conv)] = A.taylor_layers(model, "layer2.0.bn1")
+    jacobians = (A.jacobians_of(layer, conv) if path == "cbn_layer"
+                 else functools.partial(conv_jacobians, conv))
+    assert (jacobians == layer.jacobians) == (path == "cbn_layer")
+    [(x, _)] = A.labelled_batches(loaded.reader, 16, 1, seed=2)
+    history = A.History.empty(conv, 1, torch.float64)
+    A.conv_outputs(model, [conv], x,
+                   lambda i, inp, y: A.record_iteration(history, conv, jacobians, inp, y))
+
+    def moments() -> tuple[torch.Tensor, torch.Tensor]:
+        seen = []
+        A.conv_outputs(model, [conv], x, lambda i, inp, y: seen.append(y))
+        return seen[0].mean((0, 2, 3)), seen[0].var((0, 2, 3), correction=0)
+
+    w0 = conv.weight.detach().clone()
+    direction = torch.randn(w0.shape, generator=torch.Generator().manual_seed(0),
+                            dtype=w0.dtype) * 0.01 * w0.norm() / w0.numel() ** 0.5
+    mean0, var0 = moments()
+    torch.testing.assert_close(history.mean[0], mean0)
+    torch.testing.assert_close(history.var[0], var0)
+    h = 1e-3
+    with torch.no_grad():
+        conv.weight.copy_(w0 + h * direction)
+        var_plus = moments()[1]
+        conv.weight.copy_(w0 - h * direction)
+        var_minus = moments()[1]
+        slope = (var_plus - var_minus) / (2 * h)  # ⟨∂σ²/∂W, D⟩ by finite differences
+        conv.weight.copy_(w0 + direction)
+        mean1, var1 = moments()
+        mean, var, _ = compensate(history.mean, history.var, False, 1.0,
+                                  *history.jacobians(conv))
+    torch.testing.assert_close(mean[0], mean1, rtol=1e-10, atol=1e-12)  # linear: exact
+    shift = mean1 - mean0
+    torch.testing.assert_close(var[0], (var0 + slope - shift ** 2).clamp_min(0), rtol=1e-8,
+                               atol=1e-12)
+    assert (var[0] - var1).norm() < 0.05 * (var0 - var1).norm()  # and close to the truth
+
+
+def test_taylor_error_on_a_bn_run(run):
+    """A BN run: its own steps, CBN's compensation computed alongside (conv_jacobians)."""
+    assert _analyze("taylor_error", f"run={run}", "steps=2", "device=cpu") == 0
+    result = A.read_analysis(run, "taylor_error")["result"]
+    assert result["norm"] == "bn" and len(result["layers"]) == 20
+    assert result["lr"] == pytest.approx(0.2 * 32 / 256)  # the peak rate of the run
+    first = result["per_layer"]["bn1"]
+    assert first["compensated_mean"][0] < 1e-3 * first["naive_mean"][0]  # fp32: ~rounding
+    scalars = result["scalars"]
+    for tau in (1, 2):
+        assert scalars[f"naive_mean_err_tau{tau}"] > scalars[f"compensated_mean_err_tau{tau}"]
+    assert scalars["ratio_naive_over_compensated_mean_tau1"] == pytest.approx(
+        scalars["naive_mean_err_tau1"] / scalars["compensated_mean_err_tau1"])
+    assert result["table"]["τ=2"]["naive var err"] == scalars["naive_var_err_tau2"]
+
+
+# -- cost (CBN cost table) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [3, 1])
+def test_cost_formulas_against_flop_counter_and_buffers(window):
+    """FlopCounterMode counts the matrix products of a CBN step (convolutions, bmm): they must
+    be the formula's terms less its elementwise parts; the history's bytes are those of a real
+    layer's buffers. (FlopCounterMode ignores groups in convolution_backward: groups=1 here.)"""
+    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bnbench.norm.cbn import CrossIterationBatchNorm2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=True)
+    layer = CrossIterationBatchNorm2d(6, window=window)
+    layer.pair(conv)
+    x = torch.randn(5, 4, 9, 9)
+    for _ in range(window):  # a full window
+        layer(conv(x))
+    with FlopCounterMode(display=False) as counter:
+        y = conv(x)
+    conv_count = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        layer(conv(x))
+    site = A.NormSite("bn", tuple(y.shape), tuple(x.shape), tuple(conv.weight.shape), 1)
+    assert A.conv_flops(site.shape, site.weight) == conv_count
+    terms = A.norm_flops(site, "cbn", window)
+    c, p = 6, 4 * 3 * 3
+    assert terms["statistics"] == 3 * y.numel() and terms["normalize"] == 2 * y.numel()
+    if window == 1:  # BN: no Jacobians
+        assert set(terms) == {"statistics", "normalize"}
+        assert counter.get_total_flops() == conv_count
+    else:
+        elementwise = x.numel() + c * p + 2 * c * p  # input sum, ∂σ²/∂W scaling, e_σ
+        matrix = sum(v for k, v in terms.items() if k not in ("statistics", "normalize"))
+        assert counter.get_total_flops() - conv_count == matrix - elementwise
+    held = sum(b.numel() * b.element_size() for n, b in layer.named_buffers()
+               if n.startswith("hist_"))
+    assert A.history_bytes(site, window, 4) == held
+    assert A.norm_flops(site, "cbn", window, training=False) == A.norm_flops(
+        site, "bn", window, training=False) == {"statistics": 0, "normalize": 2 * y.numel()}
+
+
+def test_cost_command(run):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert _analyze("cost", f"run={run}", "batch_size=8", "window=3", "min_run_time=0.01",
+                    "device=cpu") == 0
+    record = A.read_analysis(run, "cost")
+    assert record["options"] == {"window": 3, "batch_size": 8, "min_run_time": 0.01, "seed": 0}
+    result = record["result"]
+    assert list(result["table"]) == ["bn", "gn", "cbn"]
+    assert result["inference_equal_to_bn"] is True and result["inference_max_abs_diff"] == 0.0
+    scalars = result["scalars"]
+    assert scalars["cbn_inference_equals_bn"] == 1.0
+    assert result["table"]["bn"]["train vs bn"] == 1.0
+    assert scalars["cbn_train_vs_bn"] == result["table"]["cbn"]["train vs bn"] > 0
+    # the same model built apart: its convs' FLOPs counted by torch, its history's bytes held
+    loaded = _loaded(run)
+    cfg, x = loaded.cfg, torch.randn(result["input_shape"])
+    model = A.build_variant(cfg, "cbn", {"window": 3, "burnin": 0},
+                            loaded.parts.data.num_classes, torch.device("cpu"), 0)
+    with FlopCounterMode(display=False) as counter:
+        model.eval()(x)
+    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items()
+                  if "convolution" in str(op))
+    assert result["conv_flops"] == counted
+    model.train()(x)
+    held = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".hist_" in n)
+    assert scalars["cbn_extra_memory_mb"] == pytest.approx(held / 1e6, rel=1e-12)
+    bn = result["table"]["bn"]
+    assert bn["norm FLOPs (M)"] == result["table"]["gn"]["norm FLOPs (M)"]  # 5E each
+    assert result["table"]["cbn"]["fraction of conv FLOPs"] > 1  # ∂σ²/∂W: a conv's worth
+    assert bn["norm extra memory (MB)"] == result["table"]["gn"]["norm extra memory (MB)"] == 0
+    _render(A.ANALYSES["cost"].plot, result)
+
+
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -363,6 +574,13 @@ def test_command_line_through_a_subprocess(run):
     (["layerwise_error", "{run}", "num_samples=100000"], "100000 images requested"),
     (["layerwise_error", "{run}", "force=maybe"], "force=maybe: must be true or false"),
     (["layerwise_error", "{run}", "device=gpu"], "device=gpu: choose one of auto, cpu, cuda"),
+    (["taylor_error", "{run}", "lr=-1"], "lr=-1: must be a non-negative number or null"),
+    (["taylor_error", "{run}", "steps=0"], "steps=0: must be a positive integer"),
+    (["taylor_error", "{run}", "layer=fc"], "layer=fc: not a BatchNorm layer that follows a "
+                                            "Conv2d"),
+    (["cost", "{run}", "min_run_time=0"], "min_run_time=0: must be a positive number"),
+    (["cost", "{run}", "window=true"], "window=true: must be a positive integer"),
+    (["cost", "{run}", "batch_size=100000"], "fewer than one global batch of 100000"),
 ])
 def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, capsys, args, message):
     empty = tmp_path / "empty"

@@ -174,22 +174,33 @@ def test_cells_average_replicas_and_claims_respect_the_spread(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fig2", "fig3_4", "table1", "fig5", "fig6", "a2", "a3"])
+@pytest.mark.parametrize("name", ["rethinking/fig2", "rethinking/fig3_4", "rethinking/table1",
+                                  "rethinking/fig5", "rethinking/fig6", "rethinking/a2",
+                                  "rethinking/a3", "cbn/batch_sweep", "cbn/window",
+                                  "cbn/burnin", "cbn/rho", "cbn/neg_var",
+                                  "cbn/taylor_error", "cbn/cost"])
 def test_experiment_end_to_end_at_smoke_scale(tmp_path, name):
-    """Every Rethinking §3–4 experiment runs at ``scale=smoke``: its report holds every cell,
-    a figure, and a decision for every claim."""
+    """Every experiment runs at ``scale=smoke``: its report holds every cell, a figure, and a
+    decision for every claim."""
     from bnbench.experiment import load
 
-    proc = _bnbench(tmp_path, "experiment", f"rethinking/{name}", "scale=smoke", "root=exp",
-                    "results=res")
+    proc = _bnbench(tmp_path, "experiment", name, "scale=smoke", "root=exp", "results=res")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "res" / "rethinking"
+    paper, name = name.split("/")
+    out = tmp_path / "res" / paper
     md = (out / f"{name}.md").read_text()
     assert "scale=smoke" in md and "Git commit:" in md and "Wall time:" in md
     assert (out / f"{name}.png").stat().st_size > 0
+    spec = load(f"{paper}/{name}", ["scale=smoke"]).spec
     ours = [r for r in csv.DictReader((out / f"{name}.csv").open()) if r["source"] == "bnbench"]
+    if spec.get("pivot"):  # a sweep table: the cells its runs fill ("<row> @ <column>")
+        runs = [run.split(" @ ") for run in spec["runs"]]
+        columns = {c for _, c in runs if c != "*"}
+        filled = {(r, c) for r, col in runs for c in (columns if col == "*" else [col])}
+        ours = [r for r in ours if (r["row"], r["column"]) in filled]
+        assert len(ours) == len(filled)
+    assert bool(ours) == bool(spec.get("evals") or spec.get("curves"))
     assert all(r["error"] for r in ours)  # every cell measured
-    spec = load(f"rethinking/{name}", ["scale=smoke"]).spec
     decided = [line for line in md.splitlines() if line.startswith(("- ✔", "- ✗"))]
     assert len(decided) == len(spec.get("claims") or [])
     for label in spec.get("analyses") or {}:

@@ -596,6 +596,19 @@ class CrossIterationBatchNorm2d(BatchNorm2d):
             return dmean, dvar.to(dtype).mul_(2.0 / m), centre
 
 
+@torch.no_grad()
+def conv_jacobians(conv: nn.Conv2d, conv_input: Tensor, y: Tensor,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """:meth:`CrossIterationBatchNorm2d.jacobians` of ``conv`` without a CBN layer after it (one
+    device, the exact ``jacobian_dtype="float32"`` path): ``(∂μ/∂W (groups, P), ∂σ²_j/∂W_j
+    (C, P))`` of its output ``y`` on ``conv_input`` — the layer's own code, for analyses of runs
+    whose layers are not CBN (``bnbench analyze taylor_error``)."""
+    probe = CrossIterationBatchNorm2d(conv.out_channels, window=2, device=conv.weight.device)
+    # Only the Jacobian code runs: the conv is referenced, not paired (no hook, no buffers).
+    object.__setattr__(probe, "_paired_conv", conv)
+    return probe.jacobians(conv_input, y, dtype)
+
+
 def padded_input(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Any]:
     """``(x, padding)`` for the weight-gradient convolution of ``conv`` on ``x``: padded here as
     the conv pads (``padding="same"``/``"valid"``, non-zero padding modes), else the conv's own
@@ -655,7 +668,7 @@ def _weight_grad(x: Tensor, y: Tensor, conv: nn.Conv2d, padding: Any, devices: i
     return grad.reshape(y.shape[1], -1)
 
 
-def _preceding_conv(model: nn.Module, name: str) -> nn.Conv2d | None:
+def preceding_conv(model: nn.Module, name: str) -> nn.Conv2d | None:
     """The conv a norm layer at dotted ``name`` follows: in an ``nn.Sequential`` the preceding
     element, otherwise the sibling ``convX`` of an attribute ``bnX`` (torchvision ResNets)."""
     if not name:
@@ -683,7 +696,7 @@ def pair_convs(model: nn.Module) -> None:
     for name, layer in model.named_modules():
         if not isinstance(layer, CrossIterationBatchNorm2d):
             continue
-        conv = _preceding_conv(model, name)
+        conv = preceding_conv(model, name)
         if conv is None:
             raise BnbenchError(f"cbn: layer {name or '<root>'} has no preceding Conv2d to pair "
                                "with")
@@ -691,4 +704,5 @@ def pair_convs(model: nn.Module) -> None:
         layer.pair(conv)
 
 
-__all__ = ["CBN_OPTIONS", "NEG_VAR", "CrossIterationBatchNorm2d", "pair_convs"]
+__all__ = ["CBN_OPTIONS", "NEG_VAR", "CrossIterationBatchNorm2d", "conv_jacobians",
+           "pair_convs", "preceding_conv"]

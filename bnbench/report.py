@@ -200,10 +200,14 @@ def our_analyses(exp: Experiment) -> dict[str, dict[str, list[dict[str, Any]]]]:
 
 
 class Operands:
-    """Resolves a claim's operands against our cells and analyses."""
+    """Resolves a claim's operands against our cells and analyses. A cell of one training run
+    has no spread of its own: it takes ``seed_spread``, the scale's measured seed-to-seed std
+    of the baseline (``scale.seed_spread``, metric points), so that a claim resting on a
+    difference within twice that noise is not called."""
 
-    def __init__(self, cells: Cells, analyses: dict[str, dict[str, list[dict[str, Any]]]]):
-        self.cells, self.analyses = cells, analyses
+    def __init__(self, cells: Cells, analyses: dict[str, dict[str, list[dict[str, Any]]]],
+                 seed_spread: float = 0.0):
+        self.cells, self.analyses, self.seed_spread = cells, analyses, seed_spread
 
     def value(self, operand: Any) -> tuple[Stat | None, str]:
         """The operand's value and how it reads."""
@@ -224,14 +228,17 @@ class Operands:
                       if r.get("scalars", {}).get(operand["scalar"]) is not None]
             return Stat.of(values), f"{operand['run']} {operand['scalar']}"
         row, column = operand
-        return self.cells.get(row, {}).get(column), f"{row} {column}"
+        cell = self.cells.get(row, {}).get(column)
+        if cell is not None and cell.n == 1 and self.seed_spread:
+            cell = Stat(cell.mean, self.seed_spread, 1)
+        return cell, f"{row} {column}"
 
 
 def check_claims(exp: Experiment, cells: Cells,
                  analyses: dict[str, dict[str, list[dict[str, Any]]]] | None = None
                  ) -> list[dict[str, Any]]:
     """Each claim ✔/✗ (``holds`` True/False) or ``None`` (no data), with its numbers."""
-    operands = Operands(cells, analyses or {})
+    operands = Operands(cells, analyses or {}, float(exp.scale_spec.get("seed_spread") or 0.0))
     lower_is_better = exp.spec["metric"] == "error"
     out = []
     for claim in exp.spec.get("claims") or []:

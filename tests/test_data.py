@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from images import write_png_tree
 from omegaconf import OmegaConf
 
-from bnbench.data import build_dataset, crop_flip, synthetic
+from bnbench.data import TensorSplit, build_dataset, crop_flip, synthetic
 from bnbench.data.loaders import FolderLoader, ShardPlan, TensorLoader
 from bnbench.errors import BnbenchError
 
@@ -97,6 +97,80 @@ def test_cache_write_is_atomic(_cache: Path, monkeypatch: pytest.MonkeyPatch) ->
         data = synthetic.load_synthetic(20, 10, 8, 10, seed=1)
     assert data.train_images.shape == (20, 3, 8, 8)
     assert list(_cache.iterdir()) == []  # neither a partial file nor a temp file
+
+
+def test_standard_difficulty_is_the_original_dataset() -> None:
+    """``difficulty="standard"`` (the default) renders what the generator rendered before
+    difficulties existed: the same recipe digest and cache names, the same labels, and the same
+    pixels (pinned as sums, with room for a last-bit rounding difference of another CPU)."""
+    assert synthetic._recipe_digest("standard") == "eabb4def"
+    assert synthetic.cache_path(30, 10, 8, 10, 5).name == (
+        "synthetic-shapes-v1-eabb4def-train30-val10-res8-cls10-seed5.pt"
+    )
+    assert synthetic.cache_path(30, 10, 8, 10, 5, "standard") == synthetic.cache_path(
+        30, 10, 8, 10, 5
+    )
+    data = synthetic.generate(40, 20, 16, 15, seed=0)
+    same = synthetic.generate(40, 20, 16, 15, seed=0, difficulty="standard")
+    assert torch.equal(data.train_images, same.train_images)
+    assert data.train_labels[:8].tolist() == [12, 0, 6, 1, 9, 9, 10, 0]
+    assert data.val_labels[:8].tolist() == [0, 2, 1, 9, 12, 5, 8, 2]
+    assert abs(int(data.train_images.sum()) - 3836760) <= 16
+    assert abs(int(data.val_images.sum()) - 2216917) <= 16
+    assert data.class_names == synthetic.SHAPE_NAMES[:15]
+    assert synthetic.max_classes() == synthetic.MAX_CLASSES == 18
+
+
+def test_hard_difficulty_is_seeded_balanced_and_has_more_classes() -> None:
+    top = synthetic.max_classes("hard")
+    assert top > synthetic.MAX_CLASSES
+    a = synthetic.generate(2 * top, top, 16, top, seed=0, difficulty="hard")
+    b = synthetic.generate(2 * top, top, 16, top, seed=0, difficulty="hard")
+    c = synthetic.generate(2 * top, top, 16, top, seed=1, difficulty="hard")
+    assert torch.equal(a.train_images, b.train_images) and torch.equal(a.val_images, b.val_images)
+    assert torch.equal(a.train_labels, b.train_labels)
+    assert not torch.equal(a.train_images, c.train_images)
+    assert torch.bincount(a.train_labels, minlength=top).tolist() == [2] * top
+    assert torch.bincount(a.val_labels, minlength=top).tolist() == [1] * top
+    assert a.class_names == synthetic.shape_names("hard") and len(set(a.class_names)) == top
+    assert a.class_names[: synthetic.MAX_CLASSES] == synthetic.SHAPE_NAMES
+    assert a.train_images.float().std() > 20
+    # the same seed and labels as the standard recipe, but other images
+    std = synthetic.generate(2 * top, top, 16, 15, seed=0)
+    hard = synthetic.generate(2 * top, top, 16, 15, seed=0, difficulty="hard")
+    assert torch.equal(std.train_labels, hard.train_labels)
+    assert not torch.equal(std.train_images, hard.train_images)
+
+
+def test_cache_is_keyed_by_difficulty(_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    std = synthetic.load_synthetic(30, 10, 8, 10, seed=5)
+    hard = synthetic.load_synthetic(30, 10, 8, 10, seed=5, difficulty="hard")
+    paths = {synthetic.cache_path(30, 10, 8, 10, 5), synthetic.cache_path(30, 10, 8, 10, 5, "hard")}
+    assert len(paths) == 2 and {p.name for p in _cache.iterdir()} == {p.name for p in paths}
+    assert synthetic._recipe_digest("hard") != synthetic._recipe_digest("standard")
+    assert not torch.equal(std.train_images, hard.train_images)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("regenerated although cached")
+
+    monkeypatch.setattr(synthetic, "generate", boom)
+    again = synthetic.load_synthetic(30, 10, 8, 10, seed=5, difficulty="hard")
+    assert torch.equal(again.train_images, hard.train_images)
+    assert again.class_names == hard.class_names
+
+
+def test_bad_difficulty_is_refused() -> None:
+    with pytest.raises(BnbenchError, match="dataset.difficulty='extreme': choose one of standard"):
+        synthetic.generate(10, 10, 16, 15, seed=0, difficulty="extreme")
+    with pytest.raises(BnbenchError, match="dataset.difficulty"):
+        synthetic.load_synthetic(10, 10, 16, 15, seed=0, difficulty="extreme")
+    with pytest.raises(BnbenchError, match="dataset.difficulty"):
+        build_dataset(_cfg(difficulty="extreme"))
+    top = synthetic.max_classes("hard")
+    with pytest.raises(BnbenchError, match=f"difficulty=hard\\) has {top} shape kinds"):
+        synthetic.generate(10, 10, 16, top + 1, seed=0, difficulty="hard")
+    with pytest.raises(BnbenchError, match="dataset.num_classes"):
+        build_dataset(_cfg(num_classes=top))  # more than the standard recipe has
 
 
 # --- batched augmentation -------------------------------------------------------------------
@@ -232,6 +306,27 @@ def test_build_synthetic_from_dictconfig() -> None:
     assert abs(float(x.mean())) < 0.5  # normalized with the data's own statistics
     val = data.loader("val", 16, augment=False, shuffle=False, drop_last=False, seed=0)
     assert [len(b[1]) for b in val] == [16, 14]
+
+
+def test_build_synthetic_hard() -> None:
+    top = synthetic.max_classes("hard")
+    cfg = OmegaConf.create({"name": "synthetic", "num_train": 2 * top, "num_val": top,
+                            "resolution": 8, "num_classes": top, "difficulty": "hard"})
+    data = build_dataset(cfg)
+    assert data.num_classes == top and data.class_names == synthetic.shape_names("hard")
+    expected = synthetic.generate(2 * top, top, 8, top, seed=0, difficulty="hard")
+    assert isinstance(data.train, TensorSplit)
+    assert torch.equal(data.train.images, expected.train_images)
+
+
+def test_difficulty_is_refused_for_other_datasets(tmp_path: Path) -> None:
+    """``dataset.difficulty`` belongs to the synthetic dataset: any other one refuses a value
+    but the default, in one line naming the key (before it looks at any file)."""
+    for name in ("cifar10", "imagefolder"):
+        with pytest.raises(BnbenchError) as err:
+            build_dataset(_cfg(name=name, root=str(tmp_path), difficulty="hard"))
+        assert "\n" not in str(err.value)
+        assert str(err.value).startswith("dataset.difficulty=hard: only the synthetic dataset")
 
 
 @pytest.mark.parametrize(

@@ -205,3 +205,19 @@ def test_experiment_end_to_end_at_smoke_scale(tmp_path, name):
     assert len(decided) == len(spec.get("claims") or [])
     for label in spec.get("analyses") or {}:
         assert f"**{label}:" in md  # the analysis's table
+
+
+def test_a_single_run_takes_the_scales_measured_seed_spread(tmp_path):
+    from bnbench.experiment import Experiment
+    from bnbench.report import check_claims, our_cells
+
+    spec = _spec(claims=[{"text": "B beats A", "better": ["B", "EMA"], "worse": ["A", "EMA"]}])
+    spec["runs"] = {"A": [], "B": ["norm=gn"]}
+    base = tmp_path / "paper/x/smoke"
+    _write_run(base / "A", 80.0, [80.0, 80.0], [80.0])
+    _write_run(base / "B", 83.0, [83.0, 83.0], [83.0])  # 3 points better
+    for spread, holds in ((1.0, True), (2.0, False)):  # Δ = 3 vs 2 × spread
+        exp = Experiment("paper/x", "smoke", spec, {"train": [], "seed_spread": spread},
+                         tmp_path, tmp_path / "res")
+        (claim,) = check_claims(exp, our_cells(exp))
+        assert claim["holds"] is holds, claim

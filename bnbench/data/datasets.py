@@ -3,7 +3,8 @@
 Datasets (``cfg.name``):
 
 * ``synthetic`` - the embedded shapes dataset (``bnbench.data.synthetic``), cached on disk;
-  uses ``resolution``, ``num_train``, ``num_val``, ``num_classes`` and ``seed``.
+  uses ``resolution``, ``num_train``, ``num_val``, ``num_classes``, ``seed`` and ``difficulty``
+  (``standard`` or ``hard``; the only key no other dataset accepts at another value).
 * ``cifar10`` / ``cifar100`` - torchvision's python-pickle layout under ``root`` (fetched when
   ``download``), held as uint8 tensors; pad-4 crop + flip, as in the papers.
 * ``imagenet`` - ``root/train`` and ``root/val`` ImageFolder trees, decoded by DataLoader
@@ -176,6 +177,12 @@ def _check_config(cfg: DatasetConfig) -> None:
         raise BnbenchError(f"dataset.workers={cfg.workers!r}: must be a non-negative integer")
     if cfg.pad is not None and (not isinstance(cfg.pad, int) or cfg.pad < 0):
         raise BnbenchError(f"dataset.pad={cfg.pad!r}: must be a non-negative integer or null")
+    if cfg.difficulty not in synthetic.DIFFICULTIES:
+        raise BnbenchError(f"dataset.difficulty={cfg.difficulty!r}: choose one of "
+                           f"{', '.join(synthetic.DIFFICULTIES)}")
+    if cfg.name != "synthetic" and cfg.difficulty != synthetic.DEFAULT_DIFFICULTY:
+        raise BnbenchError(f"dataset.difficulty={cfg.difficulty}: only the synthetic dataset has "
+                           f"difficulties (dataset.name={cfg.name})")
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -189,7 +196,7 @@ def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 
 def _build_synthetic(cfg: DatasetConfig) -> DataSource:
     data = synthetic.load_synthetic(
-        cfg.num_train, cfg.num_val, cfg.resolution, cfg.num_classes, cfg.seed
+        cfg.num_train, cfg.num_val, cfg.resolution, cfg.num_classes, cfg.seed, cfg.difficulty
     )
     mean, std = _channel_stats(data.train_images)
     return DataSource(

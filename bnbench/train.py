@@ -172,6 +172,28 @@ def keep_epoch(last: Path, epochs_done: int) -> Path:
     return kept
 
 
+#: Keys a resumed run may change: how it runs, not what it computes.
+RESUMABLE_CHANGES = frozenset({"trainer.resume", "trainer.progress", "trainer.threads",
+                               "trainer.device", "dataset.workers", "dataset.root",
+                               "dataset.download", "dist.timeout_s"})
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any],
+                   prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every key whose value differs between a
+    checkpoint's config and this run's, except :data:`RESUMABLE_CHANGES`: resuming with another
+    dataset, norm or schedule would silently continue a different run."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{name}.")
+        elif a != b and name not in RESUMABLE_CHANGES:
+            out.append((name, a, b))
+    return out
+
+
 class Trainer:
     """Holds the built objects of one run; :meth:`fit` runs it."""
 
@@ -272,6 +294,13 @@ class Trainer:
                      f" ({dropped} rows of the interrupted run dropped)" if dropped else "")
             return
         data = ckpt.load(Path(path), self.device)
+        changes = config_changes(data.get("config", {}), OmegaConf.to_container(self.cfg))
+        if changes:
+            raise BnbenchError(
+                f"trainer.resume: the checkpoint {path} was trained with another config ("
+                + ", ".join(f"{k}: {a} → {b}" for k, a, b in changes[:4])
+                + (", …" if len(changes) > 4 else "")
+                + "); resume with the run's own config, or choose another hydra.run.dir")
         try:
             self.model.load_state_dict(data["model"])
         except RuntimeError as err:

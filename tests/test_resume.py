@@ -75,3 +75,19 @@ def test_resume_refuses_a_finished_run_without_checkpoint(tmp_path):
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("bnbench: error: trainer.resume:")
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == rows  # nothing appended
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    """A run dir holding another config's checkpoint (e.g. an experiment rerun after its
+    dataset preset changed) is refused in one line instead of silently continued."""
+    args = ("-m", "bnbench", "train", *TINY, "trainer.epochs=1", "hydra.run.dir=run")
+    assert _run(tmp_path, *args).returncode == 0
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = _run(tmp_path, *args, "dataset.seed=1", "trainer.threads=2", "trainer.resume=true")
+    assert again.returncode == 2, again.stderr[-2000:]
+    line = again.stderr.strip().splitlines()[-1]
+    assert line.startswith("bnbench: error: trainer.resume:") and "dataset.seed: 0 → 1" in line
+    assert "threads" not in line  # how a run executes may change
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == rows
+    same = _run(tmp_path, *args, "trainer.threads=2", "trainer.resume=true")
+    assert same.returncode == 0, same.stderr[-2000:]

@@ -30,8 +30,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from bnbench.config import DatasetConfig
 from bnbench.data import synthetic
@@ -221,9 +219,9 @@ def _require_root(cfg: DatasetConfig) -> Path:
     return root
 
 
-def _cifar_split(cls: type[CIFAR10], cfg: DatasetConfig, root: Path, train: bool) -> TensorSplit:
+def _cifar_split(cls: type, cfg: DatasetConfig, root: Path, train: bool) -> TensorSplit:
     """One CIFAR split as uint8 [N,3,32,32] + int64 labels."""
-    label = "CIFAR-10" if cls is CIFAR10 else "CIFAR-100"
+    label = "CIFAR-10" if cls.__name__ == "CIFAR10" else "CIFAR-100"
     try:
         ds = cls(str(root), train=train, download=cfg.download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted ..."
@@ -238,6 +236,10 @@ def _cifar_split(cls: type[CIFAR10], cfg: DatasetConfig, root: Path, train: bool
 
 
 def _build_cifar(cfg: DatasetConfig) -> DataSource:
+    # torchvision is imported where it is used: importing it costs about a second (it loads
+    # torch._dynamo), which every process on the embedded dataset would pay for nothing.
+    from torchvision.datasets import CIFAR10, CIFAR100
+
     root = _require_root(cfg)
     is10 = cfg.name == "cifar10"
     cls = CIFAR10 if is10 else CIFAR100
@@ -276,6 +278,8 @@ def _scan_tree(
         raise BnbenchError(
             f"dataset.root={shown}: train/ and val/ have different class folders: {odd[:5]}"
         )
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # (see _build_cifar)
+
     class_to_idx = {name: i for i, name in enumerate(classes)}
     splits = []
     for split in ("train", "val"):

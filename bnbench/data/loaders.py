@@ -28,7 +28,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -264,12 +263,16 @@ def load_rgb(path: str) -> Image.Image:
 
 def eval_transform(img: Image.Image, resize: int, crop: int) -> Tensor:
     """Resize the shorter side to ``resize``, centre-crop ``crop``: uint8 [3,crop,crop]."""
+    import torchvision.transforms.functional as TF  # (ImageFolder only: see datasets.py)
+
     img = TF.center_crop(TF.resize(img, [resize], antialias=True), [crop, crop])
     return TF.pil_to_tensor(img)
 
 
 def train_transform(img: Image.Image, crop: int, aug_seed: int) -> Tensor:
     """RandomResizedCrop(crop) + RandomHorizontalFlip, seeded per sample: uint8 [3,crop,crop]."""
+    import torchvision.transforms.functional as TF  # (ImageFolder only: see datasets.py)
+
     rng = random.Random(aug_seed)
     top, left, h, w = random_resized_crop_params(img.width, img.height, rng)
     img = TF.resized_crop(img, top, left, h, w, [crop, crop], antialias=True)

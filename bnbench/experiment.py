@@ -1,19 +1,24 @@
 """``bnbench experiment <paper>/<name> [scale=…] [overrides]``: a table or figure, end to end.
 
-An experiment is one config, ``configs/experiment/<paper>/<name>.yaml``: its training runs (row
-label → ``bnbench train`` overrides), its post-hoc evaluations of every run (column label →
-``bnbench eval`` overrides), its claims and where the paper's numbers are. A scale preset
-(``configs/scale/{smoke,cpu,paper}.yaml``) adds the overrides of every training job and the
-sizes the experiment interpolates (``${scale.…}``). Every other override on the command line
-(``dataset=…``, ``model=…``, ``dist.nproc=…``, ``+cluster=slurm``, ``hydra/launcher=…``) is
-passed to every training job, so the same experiment runs on a user's data and cluster.
+An experiment is one config, ``configs/experiment/<paper>/<name>.yaml`` (:class:`Experiment`
+lists its keys): its training runs (row label → ``bnbench train`` overrides), its post-hoc
+evaluations of every run (column label → ``bnbench eval`` overrides), the trainer's per-epoch
+curves it plots, the analyses it runs (``bnbench analyze``), its claims and where the paper's
+numbers are. A scale preset (``configs/scale/{smoke,cpu,paper}.yaml``) adds the overrides of every
+training job and the sizes the experiment interpolates (``${scale.…}``). Every other override on
+the command line (``dataset=…``, ``model=…``, ``dist.nproc=…``, ``+cluster=slurm``,
+``hydra/launcher=…``) is passed to every training job, so the same experiment runs on a user's
+data and cluster.
 
-Each training job is a one-job Hydra multirun of ``bnbench train`` (so Hydra's launchers apply:
-submitit for SLURM) in a stable directory ``<root>/<paper>/<name>/<scale>/<run>/`` with
-``trainer.resume=true``: run again, a finished job (its ``summary.json``) is skipped and a killed
-one resumes from its checkpoint; ``bnbench eval`` skips an evaluation it has recorded already.
-A failed job is reported at the end and the others still run. ``tensorboard --logdir
-<root>/<paper>/<name>/<scale>`` overlays the runs' curves. The report
+A row whose overrides sweep (``trainer.seed=0,1,2``) trains one :class:`Replica` per value, in
+``<row>/<values>/``; a column that sweeps (``precise.seed=0,1,2,3,4``) evaluates each; the report
+averages them. Each training job is a one-job Hydra multirun of ``bnbench train`` (so Hydra's
+launchers apply: submitit for SLURM) in a stable directory ``<root>/<paper>/<name>/<scale>/<row>/``
+with ``trainer.resume=true``: run again, a finished job (its ``summary.json``) is skipped and a
+killed one resumes from its checkpoint. Evaluations and analyses run in this process with the
+functions of ``bnbench eval``/``bnbench analyze`` (one interpreter for all of them), each skipped
+when recorded already. A failed job is reported at the end and the others still run.
+``tensorboard --logdir <root>/<paper>/<name>/<scale>`` overlays the runs' curves. The report
 (:mod:`bnbench.report`) is written at the end.
 """
 

@@ -238,13 +238,26 @@ def _finished(exp: Experiment, job: Job) -> bool:
         return True
     iterations = json.loads(summary.read_text())["iterations"]
     if job.kind == "eval":
-        from bnbench.evaluate import find_record
-        from bnbench.report import eval_options
-
-        record = find_record(job.replica.directory, eval_options(list(job.options)))
+        record = eval_record(job.replica.directory, job.options)
     else:
         record = analysis_record(job.replica.directory, job.analysis, list(job.options))
     return record is not None and record["iter"] == iterations
+
+
+def eval_record(run_dir: Path, options: tuple[str, ...]) -> dict[str, Any] | None:
+    """The record of the evaluation ``options`` of ``run_dir``'s checkpoint, matched on its
+    resolved tag (every option, the ones not given taken from the run, as ``bnbench eval``
+    resolves them: a column that leaves ``precise.layerwise`` to the run never takes a
+    layerwise record), or ``None`` (no run, no checkpoint, not evaluated)."""
+    from bnbench import eval_app
+
+    if not (run_dir / "checkpoints" / "last.pt").exists():
+        return None
+    try:
+        (evaluation,) = eval_app.validate_overrides([f"run={run_dir}", *options])
+    except BnbenchError:
+        return None
+    return eval_app.recorded(evaluation)
 
 
 def analysis_record(run_dir: Path, name: str, options: list[str]) -> dict[str, Any] | None:

@@ -78,11 +78,6 @@ def paper_cells(reference: str | None) -> Cells:
             for row, cols in entry["cells"].items()}
 
 
-def eval_options(overrides: list[str]) -> dict[str, str]:
-    """``key=value`` overrides of an evaluation as a dict (what its record is matched on)."""
-    return dict(o.split("=", 1) for o in overrides if "=" in o)
-
-
 def _metric(top1: float, metric: str) -> float:
     return 100.0 - top1 if metric == "error" else top1
 
@@ -90,7 +85,7 @@ def _metric(top1: float, metric: str) -> float:
 def our_cells(exp: Experiment) -> Cells:
     """Our metric per (row, column): the evaluations' columns, and for each curve its final
     value and its mean over the epochs; ``None`` where nothing was measured."""
-    from bnbench.evaluate import find_record
+    from bnbench.experiment import eval_record
 
     cells: Cells = {}
     curves = our_curves(exp)
@@ -101,7 +96,7 @@ def our_cells(exp: Experiment) -> Cells:
             values = []
             for replica in replicas:
                 for options in options_list:
-                    rec = find_record(replica.directory, eval_options(list(options)))
+                    rec = eval_record(replica.directory, options)
                     if rec is not None:
                         values.append(_metric(rec["top1"], exp.spec["metric"]))
             row[column] = Stat.of(values)
@@ -200,19 +195,22 @@ def our_analyses(exp: Experiment) -> dict[str, dict[str, list[dict[str, Any]]]]:
 
 
 class Operands:
-    """Resolves a claim's operands against our cells and analyses. A cell of one training run
-    has no spread of its own: it takes ``seed_spread``, the scale's measured seed-to-seed std
-    of the baseline (``scale.seed_spread``, metric points), so that a claim resting on a
-    difference within twice that noise is not called."""
+    """Resolves a claim's operands against our cells and analyses. When a claim compares
+    different training runs (rows), a cell of one run has no spread of its own: it takes
+    ``seed_spread``, the scale's measured seed-to-seed std of the baseline
+    (``scale.seed_spread``, metric points), so that a difference within twice that noise is not
+    called. Two evaluations of the same run (a paired comparison: the seed is common) keep
+    only their own spread."""
 
     def __init__(self, cells: Cells, analyses: dict[str, dict[str, list[dict[str, Any]]]],
                  seed_spread: float = 0.0):
         self.cells, self.analyses, self.seed_spread = cells, analyses, seed_spread
 
-    def value(self, operand: Any) -> tuple[Stat | None, str]:
-        """The operand's value and how it reads."""
+    def value(self, operand: Any, across_runs: bool = False) -> tuple[Stat | None, str]:
+        """The operand's value and how it reads (``across_runs``: the claim compares rows)."""
         if isinstance(operand, dict) and "diff" in operand:
-            (a, na), (b, nb) = (self.value(o) for o in operand["diff"])
+            across = across_runs or len(rows_of(operand)) > 1
+            (a, na), (b, nb) = (self.value(o, across) for o in operand["diff"])
             name = f"({na} − {nb})"
             if a is None or b is None:
                 return None, name
@@ -220,7 +218,7 @@ class Operands:
         if isinstance(operand, dict) and "value" in operand:
             return Stat(float(operand["value"]), 0.0, 1), f"{operand['value']:g}"
         if isinstance(operand, dict) and "std" in operand:
-            cell, name = self.value(operand["std"])
+            cell, name = self.value(operand["std"])  # (its own spread, never the floor)
             return (None if cell is None else Stat(cell.std, 0.0, 1)), f"std of {name}"
         if isinstance(operand, dict):
             results = self.analyses.get(operand["analysis"], {}).get(operand["run"], [])
@@ -229,9 +227,19 @@ class Operands:
             return Stat.of(values), f"{operand['run']} {operand['scalar']}"
         row, column = operand
         cell = self.cells.get(row, {}).get(column)
-        if cell is not None and cell.n == 1 and self.seed_spread:
+        if across_runs and cell is not None and cell.n == 1 and self.seed_spread:
             cell = Stat(cell.mean, self.seed_spread, 1)
         return cell, f"{row} {column}"
+
+
+def rows_of(operand: Any) -> set[str]:
+    """The rows (training runs) an operand reads."""
+    if isinstance(operand, dict) and "diff" in operand:
+        return set().union(*(rows_of(o) for o in operand["diff"]))
+    if isinstance(operand, dict):
+        return {operand["run"]} if "run" in operand else (
+            rows_of(operand["std"]) if "std" in operand else set())
+    return {operand[0]}
 
 
 def check_claims(exp: Experiment, cells: Cells,
@@ -258,7 +266,8 @@ def check_claims(exp: Experiment, cells: Cells,
         else:
             first, second = claim["smaller"]
             sign = -1.0
-        (a, na), (b, nb) = operands.value(first), operands.value(second)
+        across = len(rows_of(first) | rows_of(second)) > 1
+        (a, na), (b, nb) = operands.value(first, across), operands.value(second, across)
         numbers = f"{na} {_fmt(a)} vs {nb} {_fmt(b)}"
         holds = None
         if a is not None and b is not None:
@@ -269,7 +278,7 @@ def check_claims(exp: Experiment, cells: Cells,
             numbers += f"; Δ = {'+' if delta > 0 else ''}{_num(delta)}" + (
                 f" (margin {margin:g})" if margin else "")
             if spread and not delta > spread:
-                numbers += f"; within 2× the seed spread ({_num(spread)})"
+                numbers += f"; within 2× the spread of seeds or subsets ({_num(spread)})"
         out.append({"text": claim["text"], "holds": holds, "numbers": numbers})
     return out
 

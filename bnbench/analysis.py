@@ -47,7 +47,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -1409,22 +1408,10 @@ def read_analysis(run_dir: Path, name: str) -> dict[str, Any] | None:
 
 
 def write_analysis(run_dir: Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` to its file atomically (a temporary file in the same folder, then
-    renamed over), so that a reader never sees half of it."""
-    path = record_path(run_dir, record["name"])
-    text = json.dumps(record, indent=1, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``record`` to its file atomically (:func:`bnbench.logs.write_json`)."""
+    from bnbench.logs import write_json
+
+    return write_json(record_path(run_dir, record["name"]), record, allow_nan=False)
 
 
 # -- the command --------------------------------------------------------------------------------

@@ -376,10 +376,9 @@ def record(exp: Experiment, outcomes: list[Outcome], argv: list[str], seconds: f
     })
     data = {"name": exp.name, "scale": exp.scale, "spec": exp.spec, "scale_spec": exp.scale_spec,
             "forwarded": list(exp.forwarded), "invocations": history}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from bnbench.logs import write_json
+
+    return write_json(path, data)
 
 
 def git_commit() -> str:

@@ -32,9 +32,7 @@ class RunLog:
         rows = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
         kept = [row for row in rows if _complete_row(row, epoch)]
         if len(kept) != len(rows):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(f"{row}\n" for row in kept), encoding="utf-8")
-            tmp.replace(path)
+            write_text(path, "".join(f"{row}\n" for row in kept))
         self._purge_step = iteration + 1
         return len(rows) - len(kept)
 
@@ -84,11 +82,20 @@ class RunLog:
             self._tb.close()
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file + rename)."""
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically (a temporary file beside it, then renamed over it), so that a
+    reader never sees half of it; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, data: dict[str, Any], *, allow_nan: bool = True) -> Path:
+    """Write JSON atomically (:func:`write_text`); ``allow_nan=False`` refuses NaN (not JSON)."""
+    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=allow_nan)
+                      + "\n")
 
 
 def _complete_row(row: str, epoch: int) -> bool:

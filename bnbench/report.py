@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 
 from bnbench.errors import BnbenchError
 from bnbench.experiment import Experiment, Replica, load
+from bnbench.logs import write_text
 
 
 @dataclass(frozen=True)
@@ -480,12 +481,9 @@ def write_report(exp: Experiment) -> list[Path]:
     claims = check_claims(exp, ours, analyses)
     md, table = render(exp, ours, paper, claims, curves, analyses)
     out = exp.results / exp.name
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_suffix(".md"), out.with_suffix(".csv"), out.with_suffix(".png")]
     for path, text in zip(paths[:2], (md, table)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, text)
     tmp_png = paths[2].with_name(f".{paths[2].stem}.tmp.png")
     plot(exp, ours, paper_cells(exp.spec.get("reference")), curves, analyses, tmp_png)
     tmp_png.replace(paths[2])

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import train_tiny
 
 from bnbench import analysis as A
 from bnbench import cli
@@ -39,12 +40,7 @@ TINY = ["dataset.num_train=256", "dataset.num_val=64", "dataset.resolution=8", "
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A run trained by the command line with every epoch's checkpoint kept."""
-    cwd = tmp_path_factory.mktemp("trained")
-    env = {**os.environ, "BNBENCH_CACHE": str(cwd / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "bnbench", "train", *TINY, "hydra.run.dir=run"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return cwd / "run"
+    return train_tiny(tmp_path_factory.mktemp("trained"), TINY)
 
 
 @pytest.fixture
@@ -325,13 +321,7 @@ CBN_TINY = [*(o for o in TINY if not o.startswith(("trainer.epochs", "trainer.ke
 def trained_cbn(tmp_path_factory) -> Path:
     """A CBN run (window 4, no burn-in) in float64, so that second-order terms stand far above
     the rounding."""
-    cwd = tmp_path_factory.mktemp("trained_cbn")
-    env = {**os.environ, "BNBENCH_CACHE": str(cwd / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "bnbench", "train", *CBN_TINY,
-                           "hydra.run.dir=run"], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return cwd / "run"
+    return train_tiny(tmp_path_factory.mktemp("trained_cbn"), CBN_TINY)
 
 
 @pytest.fixture

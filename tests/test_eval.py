@@ -7,9 +7,7 @@ A tiny run is trained once (``python -m bnbench train``); each test evaluates a 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from tiny import train_tiny
 
 from bnbench import eval_app
 from bnbench.config import register
@@ -39,12 +38,7 @@ TINY = ["dataset.num_train=256", "dataset.num_val=64", "dataset.resolution=8", "
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A run trained by the command line (its end-of-run validation in metrics.jsonl)."""
-    cwd = tmp_path_factory.mktemp("trained")
-    env = {**os.environ, "BNBENCH_CACHE": str(cwd / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "bnbench", "train", *TINY, "hydra.run.dir=run"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return cwd / "run"
+    return train_tiny(tmp_path_factory.mktemp("trained"), TINY)
 
 
 @pytest.fixture

@@ -20,6 +20,10 @@ Cross-Iteration BN (Yao et al., CVPR 2021: its Taylor compensation, §3, and its
 * ``cost`` (CBN's cost table): on the run's architecture with BN, GN and CBN, the normalization
   FLOPs and CBN's history memory from the layer shapes, and measured training-step and
   inference times; at inference CBN is checked to be BN.
+* ``affine_fusion`` (appendix A.8): the paper's toy, no run needed — gradient descent on
+  ``J = (λx)²`` with a frozen ``λ`` (FrozenBN's affine in front of a trained weight) and on the
+  fused problem ``J = w²`` (``w = λx`` trained directly), from the same function: fusion is
+  exact at inference and changes the optimization.
 
 The default layer of ``channel_trace`` and ``estimator_error`` is :data:`DEFAULT_LAYER`, the first
 BN of the third stage of bnbench's ResNets (a mid-network layer); a model without it takes the
@@ -28,7 +32,9 @@ middle one of its BN layers. ``bnbench analyze --help`` lists every analysis wit
 Each analysis is an :class:`Analysis` of :data:`ANALYSES`: ``compute(run_dir, options)`` returns a
 JSON-serializable result with ``table`` (``{row: {column: float | None}}``, a markdown table in the
 report) and ``scalars`` (``{name: float | None}``, what claims compare), and ``plot(result, ax)``
-draws it on a matplotlib axes. The command writes ``<run>/analyses/<name>.json`` atomically::
+draws it on a matplotlib axes. An analysis with ``needs_run=False`` (a toy) reads no run:
+``run=`` names the directory its record goes to (made when it is written), at iteration 0.
+The command writes ``<run>/analyses/<name>.json`` atomically::
 
     {"name": …, "options": {every option, defaults filled}, "iter": <last.pt's iteration>,
      "result": {"table": …, "scalars": …, …}}
@@ -89,6 +95,7 @@ class Analysis:
     plot: Callable[[Result, Axes], None]
     summary: str
     fill: Callable[[Options], Options] = field(default=lambda options: options)
+    needs_run: bool = True  # False: a toy that reads no checkpoint (run= is where it records)
 
 
 # -- option values ----------------------------------------------------------------------------
@@ -99,7 +106,7 @@ _KINDS = MappingProxyType({
     "batch_size": "count or null", "num_samples": "count", "num_images": "count",
     "trials": "count", "batch_sizes": "counts", "reference_batch": "count or null",
     "steps": "count", "window": "count", "lr": "non-negative number or null",
-    "min_run_time": "positive number",
+    "min_run_time": "positive number", "scale": "positive number", "init": "positive number",
 })
 
 
@@ -1332,6 +1339,91 @@ def plot_cost(result: Result, ax: Axes) -> None:
     ax.legend(fontsize=7)
 
 
+# -- appendix A.8: affine fusion ----------------------------------------------------------------
+
+
+def gradient_descent(loss: Callable[[Tensor], Tensor], init: float, lr: float,
+                     steps: int) -> list[float]:
+    """``x_0 = init`` and ``steps`` steps of ``x ← x − lr · dJ/dx`` (the gradient by autograd,
+    float64): ``[x_0, …, x_T]``."""
+    import torch
+
+    x = torch.tensor(float(init), dtype=torch.float64, requires_grad=True)
+    path = [x.item()]
+    for _ in range(steps):
+        (grad,) = torch.autograd.grad(loss(x), x)
+        with torch.no_grad():
+            x -= lr * grad
+        path.append(x.item())
+    return path
+
+
+def _step_ratio(path: Sequence[float]) -> float | None:
+    """``x_T / x_{T−1}``: GD on a quadratic multiplies the parameter by a constant each step."""
+    return path[-1] / path[-2] if len(path) > 1 and path[-2] != 0 else None
+
+
+def compute_affine_fusion(run_dir: Path, options: Options, *, device: str = "auto") -> Result:
+    """Appendix A.8: a frozen affine scale ``λ`` in front of a trained weight ``x`` (FrozenBN
+    before a layer), loss ``J = (λx)²``, against the fused problem ``J = w²`` whose weight
+    ``w = λx`` starts where the unfused one does (``w_0 = λ x_0``: the same function). Gradient
+    descent with step ``lr``:
+
+    * unfused: ``dJ/dx = 2λ²x``, so ``x ← (1 − 2·lr·λ²) x`` (``λ = 0.5``, ``lr = 1``: ``x ← x/2``,
+      converging to 0);
+    * fused: ``dJ/dw = 2w``, so ``w ← (1 − 2·lr) w`` (``lr = 1``: ``w ← −w``, never converging).
+
+    The function's weight moves by factors ``1 − 2·lr·λ²`` and ``1 − 2·lr``: fusion multiplies
+    the effective step size by ``1/λ²``. Scalars: each problem's ratio per step, that step-size
+    factor, and the losses at the start and the end. No run is read (``run_dir``, ``device``
+    unused); float64 on the CPU.
+    """
+    scale, lr, init, steps = (options["scale"], options["lr"], options["init"],
+                              options["steps"])
+    unfused = gradient_descent(lambda x: (scale * x) ** 2, init, lr, steps)
+    fused = gradient_descent(lambda w: w**2, scale * init, lr, steps)
+    unfused_loss = [(scale * x) ** 2 for x in unfused]
+    fused_loss = [w**2 for w in fused]
+    table = {f"step {t}": {"unfused x": x, "unfused λx": scale * x, "unfused J": ju,
+                           "fused w": w, "fused J": jf}
+             for t, (x, w, ju, jf) in enumerate(zip(unfused, fused, unfused_loss, fused_loss))}
+    ratio_unfused, ratio_fused = _step_ratio(unfused), _step_ratio(fused)
+    factor = None
+    if ratio_unfused is not None and ratio_fused is not None and ratio_unfused != 1:
+        factor = (1 - ratio_fused) / (1 - ratio_unfused)
+    return {
+        "table": table,
+        "scalars": {"unfused_step_ratio": ratio_unfused, "fused_step_ratio": ratio_fused,
+                    "step_size_factor": factor, "initial_loss": unfused_loss[0],
+                    "unfused_final_loss": unfused_loss[-1], "fused_final_loss": fused_loss[-1]},
+        "scale": scale, "lr": lr,
+        "unfused": unfused, "fused": fused,
+        "unfused_loss": unfused_loss, "fused_loss": fused_loss,
+    }
+
+
+def _fill_affine_fusion(options: Options) -> Options:
+    return {**options, "lr": 1.0 if options["lr"] is None else options["lr"]}
+
+
+def plot_affine_fusion(result: Result, ax: Axes) -> None:
+    """The function's weight (``λx`` unfused, ``w`` fused) and the loss per GD step."""
+    scale = result["scale"]
+    series = [([scale * x for x in result["unfused"]], "o-", "unfused: λx (x trained)"),
+              (result["fused"], "s-", "fused: w = λx trained"),
+              (result["unfused_loss"], "o--", "unfused: J = (λx)²"),
+              (result["fused_loss"], "s--", "fused: J = w²")]
+    for values, style, label in series:
+        ax.plot(range(len(values)), values, style, label=label,
+                alpha=0.6 if "--" in style else 1.0)
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    top = max(abs(v) for values, _, _ in series for v in values) or 1.0
+    ax.set_ylim(-1.9 * top, 1.15 * top)  # (the band below -top holds the legend)
+    ax.set_xlabel(f"gradient-descent step (lr {result['lr']:g}, λ {scale:g})")
+    ax.set_ylabel("weight / loss")
+    ax.legend(fontsize=7, loc="lower center", ncol=2)
+
+
 # -- the registry -------------------------------------------------------------------------------
 
 ANALYSES: Mapping[str, Analysis] = MappingProxyType({
@@ -1371,6 +1463,14 @@ ANALYSES: Mapping[str, Analysis] = MappingProxyType({
         plot_cost,
         "CBN cost table: norm FLOPs, CBN's memory, measured train/inference time (BN, GN, CBN)",
     ),
+    "affine_fusion": Analysis(
+        compute_affine_fusion,
+        MappingProxyType({"scale": 0.5, "lr": 1.0, "init": 1.0, "steps": 10}),
+        plot_affine_fusion,
+        "appendix A.8 (a toy, no run): GD on J = (λx)² with λ frozen vs on the fused J = w²",
+        _fill_affine_fusion,
+        needs_run=False,
+    ),
 })
 
 #: What ``null`` means for options whose default depends on the run or on other options.
@@ -1382,6 +1482,7 @@ _NULL_MEANS = MappingProxyType({
     "taylor_error.layer": "every BN layer that follows a conv",
     "taylor_error.lr": "the run's peak rate, optim.lr x global batch / 256",
     "cost.batch_size": "the run's per-process training batch",
+    "affine_fusion.lr": "1, the paper's step size",
 })
 _DEFAULT_SIZES = MappingProxyType({
     "estimator_error": "[2,4,10,100,1000] capped at num_samples",
@@ -1473,7 +1574,10 @@ def parse_command(argv: Sequence[str]) -> AnalyzeJob:
     if device not in DEVICES:
         raise BnbenchError(f"device={_spelled(device)}: choose one of {', '.join(DEVICES)}")
     run_dir = Path(given.pop("run"))
-    _check_run(run_dir)
+    if analysis.needs_run:
+        _check_run(run_dir)
+    else:
+        _check_record_dir(run_dir)
     for key, value in given.items():
         check_value(key, value)
     options = analysis.fill({**analysis.defaults, **given})
@@ -1488,6 +1592,16 @@ def _check_run(run_dir: Path) -> None:
                            "with trainer.checkpoint=false, or stopped before its first epoch "
                            "ended)")
     if not os.access(run_dir, os.W_OK):
+        raise BnbenchError(f"run={run_dir}: not writable (the result goes to "
+                           f"{run_dir / ANALYSES_DIR})")
+
+
+def _check_record_dir(run_dir: Path) -> None:
+    """A toy's ``run=``: a directory (or none yet) that can take its record."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BnbenchError(f"run={run_dir}: not a directory (a toy analysis records in "
+                           f"{run_dir / ANALYSES_DIR})")
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK):
         raise BnbenchError(f"run={run_dir}: not writable (the result goes to "
                            f"{run_dir / ANALYSES_DIR})")
 
@@ -1515,7 +1629,7 @@ def run_analysis(argv: Sequence[str]) -> None:
     unless it is recorded already (what ``bnbench experiment`` calls); raises
     :class:`BnbenchError` for a bad input, writing nothing."""
     job = parse_command(argv)
-    iteration = checkpoint_iteration(job.run_dir)
+    iteration = checkpoint_iteration(job.run_dir) if ANALYSES[job.name].needs_run else 0
     if not job.force and recorded(job, iteration) is not None:
         print(f"{job.name}: recorded already for iteration {iteration} with these options "
               f"in {record_path(job.run_dir, job.name)}; force=true computes it again",

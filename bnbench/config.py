@@ -14,7 +14,46 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from bnbench.errors import BnbenchError
-from bnbench.plan import BatchPlan, batch_plan, expected_processes
+from bnbench.plan import BATCH_FREE, BATCH_PATTERNS, BatchPlan, batch_plan, expected_processes
+
+
+@dataclass
+class FpnConfig:
+    """``model.head=fpn``: one head shared over feature levels (Rethinking §5.2, Table 5;
+    :mod:`bnbench.models.fpn`). Its normalization is its own; the backbone keeps ``norm``."""
+
+    # backbone stages (1 … 4: layer1 … layer4) whose outputs are the levels; each level is one
+    # domain of the head's normalization
+    levels: list[int] = field(default_factory=lambda: [2, 3, 4])
+    width: int = 32  # channels of the 1x1 laterals and of the head
+    convs: int = 4  # conv-norm-ReLU blocks of the head (as RetinaNet's)
+    top_down: bool = False  # FPN's top-down sum: each level + the coarser one upsampled
+    norm: str = "domain"  # domain (DomainBatchNorm2d: the three choices below) | gn | none
+    train_stats: str = "domain"  # SGD statistics: per level (Fig. 7a) | shared: levels joined (7b)
+    pop_stats: str = "domain"  # population statistics: one set per level | shared by all levels
+    affine_mode: str = "shared"  # the affine transform: shared by the levels | one per level
+
+
+@dataclass
+class CropsConfig:
+    """``model.head=crops``: R crops ("RoIs") of every image, each classified by a conv–norm head,
+    R-CNN's head as a classifier (Rethinking §4.2, §6.1, Tables 3 and 6;
+    :mod:`bnbench.models.crops`). Here ``norm`` is the head's (the run's batch plan and
+    ``bnbench eval stats=…`` are about it); the backbone has its own, batch-free norm."""
+
+    num: int = 8  # R: crops per image
+    size: int = 3  # each crop resampled to size x size (RoIAlign, one sample per bin)
+    # backbone stage (1 … 4: layer1 … layer4) cropped, later stages dropped (an 8x8 map for
+    # 16-px images and the small-input stem; R-CNN crops stage 3 or an FPN level)
+    stage: int = 2
+    min_side: float = 0.25  # box sides: uniform in [min_side, max_side] × the feature map's side
+    max_side: float = 0.75
+    seed: int = 0  # the R boxes, the same on every image, are drawn once from this seed
+    layers: int = 2  # conv-norm-ReLU blocks of the head (the paper's box head has 4)
+    channels: Optional[int] = None  # the head's width; null: the cropped stage's
+    normalize: bool = True  # false: no normalization in the head (its convs get a bias)
+    shuffle: bool = False  # ShuffleBN (Fig. 9): crops permuted across devices for the head
+    backbone_norm: str = "gn"  # gn | ln | in: batch-free, as the paper's FrozenBN backbone
 
 
 @dataclass
@@ -23,6 +62,11 @@ class ModelConfig:
     width: float = 1.0
     small_input: bool = False
     zero_init_residual: bool = False
+    # what follows the backbone: pool (global average pool + fc), fpn (a head shared over
+    # feature levels, Rethinking Table 5), crops (a head over crops of each image, Table 6)
+    head: str = "pool"
+    fpn: FpnConfig = field(default_factory=FpnConfig)  # model.head=fpn's options
+    crops: CropsConfig = field(default_factory=CropsConfig)  # model.head=crops's options
 
 
 @dataclass
@@ -45,6 +89,10 @@ class DatasetConfig:
     in_memory: bool = False
     workers: int = 4
     skip_unreadable: bool = False  # ImageFolder: drop files PIL cannot decode (counted warning)
+    # ImageNet-C's corruption of every image (bnbench.data.corruptions): none | contrast |
+    # gaussian_noise | jpeg_compression, at severity 1 … 5 (3: the medium one of Rethinking §5.1)
+    corruption: str = "none"
+    severity: int = 3
 
 
 @dataclass
@@ -127,6 +175,11 @@ class TrainerConfig:
     max_iters: int = 0  # stop after this many iterations (0 = all); for smoke tests
     compile: bool = False  # torch.compile the whole model (BRN/CBN steps run eagerly inside it)
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: traced, not fused)
+    # How SGD batches are drawn (Rethinking Fig. 8): random, or class_pairs — every group of
+    # pattern_group samples (null: the normalization batch) is pattern_group/2 classes × 2
+    # images (bnbench.plan, bnbench.data.patterns)
+    batch_pattern: str = "random"
+    pattern_group: Optional[int] = None
 
 
 @dataclass
@@ -181,7 +234,11 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 #: Every numeric key's valid interval; ``None`` values (a variant's default) are not checked here.
 _POSITIVE, _NON_NEGATIVE = "(0, inf)", "[0, inf)"
 RANGES: dict[str, str] = {
-    "model.width": _POSITIVE,
+    "model.width": _POSITIVE, "model.fpn.width": _POSITIVE, "model.fpn.convs": _POSITIVE,
+    "model.crops.num": _POSITIVE, "model.crops.size": _POSITIVE, "model.crops.stage": _POSITIVE,
+    "model.crops.min_side": "(0, 1]", "model.crops.max_side": "(0, 1]",
+    "model.crops.seed": _NON_NEGATIVE, "model.crops.layers": _POSITIVE,
+    "model.crops.channels": _POSITIVE,
     "dataset.resolution": _POSITIVE, "dataset.num_train": _POSITIVE,
     "dataset.num_val": _POSITIVE, "dataset.num_classes": "[2, inf)",
     "dataset.pad": _NON_NEGATIVE, "dataset.crop_size": _POSITIVE,
@@ -201,6 +258,7 @@ RANGES: dict[str, str] = {
     "optim.label_smoothing": "[0, 1)",
     "trainer.epochs": _POSITIVE, "trainer.batch_size": _POSITIVE, "trainer.seed": _NON_NEGATIVE,
     "trainer.threads": _NON_NEGATIVE, "trainer.max_iters": _NON_NEGATIVE,
+    "trainer.pattern_group": _POSITIVE,
     "precise.num_samples": _POSITIVE, "precise.batch_size": _POSITIVE,
     "eval.every": _POSITIVE, "eval.batch_size": _POSITIVE,
     "dist.nproc": _POSITIVE, "dist.timeout_s": _POSITIVE,
@@ -219,6 +277,55 @@ def _check_range(key: str, value: Any, interval: str) -> None:
     if not ok:
         what = "must be positive" if interval == _POSITIVE else f"must be in {interval}"
         raise BnbenchError(f"{key}={value}: {what}")
+
+
+#: ``model.fpn.norm`` values, and the values of its three choices (Table 5).
+FPN_NORMS = ("domain", "gn", "none")
+FPN_MODES = ("domain", "shared")
+
+
+def _check_fpn(cfg: DictConfig) -> None:
+    """``model.fpn`` of a ``model.head=fpn`` run: its levels are distinct stages in order, its
+    norm and choices known; a backbone without batch statistics under a BN head is refused (the
+    evaluation kinds of a run, EMA/PreciseBN or none, follow the backbone's ``norm``)."""
+    fpn = cfg.model.fpn
+    levels = list(fpn.levels)
+    if not levels or levels != sorted(set(levels)) or not all(1 <= s <= 4 for s in levels):
+        raise BnbenchError(f"model.fpn.levels={levels}: distinct backbone stages in increasing "
+                           "order, each 1 … 4 (layer1 … layer4), e.g. [2,3,4]")
+    _choice("model.fpn.norm", fpn.norm, FPN_NORMS)
+    for key in ("train_stats", "pop_stats", "affine_mode"):
+        _choice(f"model.fpn.{key}", fpn[key], FPN_MODES)
+    if fpn.norm == "domain" and cfg.norm.name in BATCH_FREE:
+        raise BnbenchError(f"model.fpn.norm=domain under norm={cfg.norm.name}: a BatchNorm head "
+                           "needs a backbone with batch statistics (norm=bn, frozen, …), since "
+                           "a run's evaluations follow the backbone's norm")
+
+
+def _check_crops(cfg: DictConfig) -> None:
+    """``model.crops`` of a ``model.head=crops`` run: a backbone stage, ordered box sides, a
+    batch-free backbone norm (the run's batch plan and evaluation kinds are the head's), and no
+    ``norm`` or shuffle that the head would not use. (``norm.nbs`` dividing the batch: the plan.)"""
+    crops = cfg.model.crops
+    if crops.stage > 4:
+        raise BnbenchError(f"model.crops.stage={crops.stage}: a backbone stage, 1 … 4 "
+                           "(layer1 … layer4)")
+    if crops.min_side > crops.max_side:
+        raise BnbenchError(f"model.crops.min_side={crops.min_side} exceeds "
+                           f"model.crops.max_side={crops.max_side}")
+    if crops.backbone_norm not in BATCH_FREE:
+        raise BnbenchError(f"model.crops.backbone_norm={crops.backbone_norm}: choose one of "
+                           f"{', '.join(BATCH_FREE)}; the backbone is batch-free (as the paper's "
+                           "FrozenBN one), the run's norm and its batches are the head's")
+    batch_free = cfg.norm.name in BATCH_FREE
+    if not crops.normalize and not batch_free:
+        raise BnbenchError(f"model.crops.normalize=false: the head has no normalization, so "
+                           f"norm={cfg.norm.name} (the head's) would normalize nothing; use "
+                           "norm=gn with it (the run then has no batch statistics)")
+    if crops.shuffle and (batch_free or not crops.normalize):
+        raise BnbenchError("model.crops.shuffle=true: the head has no batch statistics "
+                           f"(norm={cfg.norm.name}, model.crops.normalize="
+                           f"{str(crops.normalize).lower()}); nothing to shuffle for")
 
 
 def norm_options(norm: Any) -> dict[str, Any]:
@@ -260,7 +367,12 @@ def validate(cfg: DictConfig) -> None:
         _check_range(key, OmegaConf.select(cfg, key), interval)
     _choice("optim.schedule", cfg.optim.schedule, ("cosine", "step"))
     _choice("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.batch_pattern", cfg.trainer.batch_pattern, BATCH_PATTERNS)
     _choice("dataset.difficulty", cfg.dataset.difficulty, ("standard", "hard"))
+    if cfg.model.head == "fpn":
+        _check_fpn(cfg)
+    if cfg.model.head == "crops":
+        _check_crops(cfg)
     if cfg.trainer.bf16 and cfg.trainer.float64:
         raise BnbenchError("trainer.bf16 and trainer.float64 exclude each other")
     if cfg.trainer.keep_checkpoints and not cfg.trainer.checkpoint:
@@ -279,6 +391,9 @@ def validate(cfg: DictConfig) -> None:
         raise BnbenchError(f"norm.freeze_at_epoch={freeze}: must be in [0, trainer.epochs]")
     _choice("norm.freeze_stats", cfg.norm.freeze_stats, ("precise", "ema"))
     from bnbench import norm as norms  # torch: only for the layers' own checks, after the rest
+    from bnbench.data.corruptions import check_corruption
+
+    check_corruption("dataset", cfg.dataset.corruption, cfg.dataset.severity)
 
     plan = batch_plan(cfg, expected_processes(cfg.dist.nproc))
     options = norms.check_options(cfg.norm.name, layer_options(cfg, plan, iters_per_epoch=1))

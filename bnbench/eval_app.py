@@ -18,14 +18,27 @@ that process's batch), on ``device`` (``auto``: a GPU if there is one).
 * ``stats=precise`` — PreciseBN with ``precise.num_samples`` (N), ``precise.batch_size`` (B ≤ N),
   ``precise.estimator`` (``population``: Eq. 2, ``batch_mean``: Eq. 3), ``precise.seed`` (the
   random subset of the training set; ``null``: the trainer's), ``precise.layerwise`` (appendix
-  A.3), ``precise.augment`` (the training augmentation or none);
+  A.3), ``precise.augment`` (the training augmentation or none), and the data it estimates on
+  (Rethinking §5.1, Table 4): ``precise.data`` (``train``: a random subset of the training
+  split, the trainer's; ``heldout``: the images ``holdout`` keeps out of the evaluated split,
+  all of them, un-augmented unless ``precise.augment=true``), ``precise.corruption`` and
+  ``precise.severity`` (its domain: ImageNet-C's corruption or ``none``; ``null``: the
+  evaluated data's, ``dataset.corruption``/``dataset.severity``);
 * ``stats=batch`` — mini-batch statistics in normalization batches of ``batch.nbs`` (``null``:
   the run's evaluation NBS, else its training NBS), in random batches of ``batch_size``;
 * ``stats=none`` — models without batch statistics (GN/LN/IN).
 
 On ``split=val``, or ``split=train`` (no augmentation; ``train_subset=<n>``: a random subset of
 n images), of the run's dataset or another one: ``dataset=<name>`` replaces it (that group's
-config), ``dataset.<key>=…`` changes keys of the run's (``dataset.seed=1``).
+config), ``dataset.<key>=…`` changes keys of the run's (``dataset.seed=1``;
+``dataset.corruption=contrast``: the evaluated domain, ImageNet-C's corruption of every image at
+``dataset.severity``). ``holdout=<n>``: the first n images of one fixed random order of the
+split are held out — not evaluated (:func:`bnbench.evaluate.held_out_indices`; the same images
+for every evaluation, so that the columns of a table compare on the same images). E.g.
+Table 4's "contrast, statistics re-estimated on 1000 contrast images, error on the rest"::
+
+    bnbench eval run=outputs/x dataset.corruption=contrast holdout=1000 stats=precise \
+        precise.data=heldout
 
 Each evaluation appends one JSON line to ``<run>/evals.jsonl`` (see :func:`record_of`): its
 ``tag`` (a canonical string of every option that affects the result), those options as fields
@@ -56,7 +69,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bnbench.cli import split_overrides, valid_keys
-from bnbench.config import DatasetConfig, TrainConfig, validate
+from bnbench.config import DatasetConfig, PreciseConfig, TrainConfig, validate
 from bnbench.errors import BnbenchError
 from bnbench.plan import BATCH_FREE, batch_plan
 
@@ -83,7 +96,10 @@ class PreciseOptions:
     estimator: Optional[str] = None  # population (Eq. 2) | batch_mean (Eq. 3)
     seed: Optional[int] = None
     layerwise: Optional[bool] = None
-    augment: Optional[bool] = None
+    augment: Optional[bool] = None  # null: the run's (for precise.data=heldout: false)
+    data: Optional[str] = None  # train | heldout (the evaluation's held-out images); null: train
+    corruption: Optional[str] = None  # PreciseBN's domain: ImageNet-C's or none; null: evaluated
+    severity: Optional[int] = None  # null: dataset.severity
 
 
 @dataclass
@@ -115,6 +131,7 @@ class EvalAppConfig:
     batch: BatchOptions = field(default_factory=BatchOptions)
     split: str = "val"  # val | train
     train_subset: Optional[int] = None  # split=train: a random subset of this many images
+    holdout: Optional[int] = None  # these many images of the split are held out, not evaluated
     batch_size: Optional[int] = None  # images per forward; null: the run's eval.batch_size
     dataset: DatasetOverrides = field(default_factory=DatasetOverrides)  # type: ignore
     device: str = "auto"  # auto | cpu | cuda
@@ -145,6 +162,7 @@ class EvalJob:
     epoch: int
     iteration: int
     force: bool
+    holdout: int | None = None
 
 
 # -- resolving a job -------------------------------------------------------------------------
@@ -174,7 +192,8 @@ def _unknown_keys(cfg: DictConfig) -> None:
 
 def check_options(cfg: DictConfig) -> None:
     """The values of the evaluation's own options (those that need no run)."""
-    from bnbench.evaluate import STATS_KINDS
+    from bnbench.data.corruptions import check_corruption
+    from bnbench.evaluate import PRECISE_DATA, STATS_KINDS
     from bnbench.population import ESTIMATORS
 
     _unknown_keys(cfg)
@@ -184,8 +203,20 @@ def check_options(cfg: DictConfig) -> None:
     if cfg.precise.estimator is not None:
         _choice("precise.estimator", cfg.precise.estimator, ESTIMATORS)
     for key in ("precise.num_samples", "precise.batch_size", "batch.nbs", "batch_size",
-                "train_subset"):
+                "train_subset", "holdout"):
         _positive(key, OmegaConf.select(cfg, key))
+    check_corruption("precise", cfg.precise.corruption, cfg.precise.severity)
+    if cfg.precise.data is not None:
+        _choice("precise.data", cfg.precise.data, PRECISE_DATA)
+    if cfg.precise.data == "heldout":
+        if cfg.holdout is None:
+            raise BnbenchError("precise.data=heldout: PreciseBN reads the images an evaluation "
+                               "holds out; set holdout=<n>")
+        n = cfg.precise.num_samples
+        if n is not None and n != cfg.holdout:
+            raise BnbenchError(f"precise.num_samples={n}: with precise.data=heldout PreciseBN "
+                               f"reads the holdout={cfg.holdout} held-out images; leave it unset "
+                               "or equal")
     if cfg.threads is not None and cfg.threads < 0:
         raise BnbenchError(f"threads={cfg.threads}: must be in [0, inf)")
     if cfg.train_subset is not None and cfg.split != "train":
@@ -219,8 +250,11 @@ def effective_config(run: DictConfig, cfg: DictConfig, dataset_choice: str | Non
     base = OmegaConf.structured(DatasetConfig) if dataset_choice is not None else eff.dataset
     eff.dataset = OmegaConf.merge(base, given)
     for key, value in OmegaConf.to_container(cfg.precise).items():
-        if value is not None and key != "seed":  # (the seed is not a training option)
+        # (the seed and PreciseBN's data and domain are not training options)
+        if value is not None and key in PreciseConfig.__dataclass_fields__:
             eff.precise[key] = value
+    if cfg.precise.data == "heldout":  # N: every held-out image
+        eff.precise.num_samples = cfg.holdout
     if cfg.batch_size is not None:
         eff.eval.batch_size = cfg.batch_size
     eff.trainer.device = cfg.device
@@ -242,6 +276,22 @@ def _dataset_changes(run: DictConfig, eff: DictConfig) -> dict[str, Any]:
             if k not in _DATASET_NOT_IN_TAG and before.get(k) != v}
 
 
+def _precise_domain(cfg: DictConfig, eff: DictConfig) -> tuple[str | None, int | None]:
+    """PreciseBN's domain ``(corruption, severity)`` where it is not the evaluated data's
+    (severity ``None`` for clean images), else ``(None, None)``: one spelling per domain, so
+    that equal evaluations have equal tags."""
+    from bnbench.data.corruptions import NONE
+
+    def spelled(name: str, severity: int) -> tuple[str, int | None]:
+        return name, None if name == NONE else severity
+
+    ds, p = eff.dataset, cfg.precise
+    evaluated = spelled(ds.corruption, ds.severity)
+    domain = spelled(p.corruption or ds.corruption,
+                     ds.severity if p.severity is None else p.severity)
+    return (None, None) if domain == evaluated else domain
+
+
 def _spec(cfg: DictConfig, eff: DictConfig) -> StatsSpec:
     """The statistics of the evaluation, the run's values filled in where ``cfg`` has none."""
     from bnbench.evaluate import PRECISE_SEED_OFFSET, StatsSpec
@@ -253,9 +303,13 @@ def _spec(cfg: DictConfig, eff: DictConfig) -> StatsSpec:
                                f"precise.num_samples={p.num_samples}: B is at most N")
         seed = cfg.precise.seed
         seed = eff.trainer.seed + PRECISE_SEED_OFFSET if seed is None else seed
+        data = cfg.precise.data or "train"
+        # Held-out images are evaluation images: inference preprocessing unless asked.
+        augment = p.augment if cfg.precise.augment is not None or data == "train" else False
+        corruption, severity = _precise_domain(cfg, eff)
         return StatsSpec("precise", num_samples=p.num_samples, batch_size=p.batch_size,
                          estimator=p.estimator, seed=seed, layerwise=p.layerwise,
-                         augment=p.augment)
+                         augment=augment, data=data, corruption=corruption, severity=severity)
     if kind == "batch":
         plan = batch_plan(eff, 1)
         nbs = cfg.batch.nbs or plan.evaluation or plan.normalization
@@ -271,15 +325,20 @@ def _check_kind(kind: str, norm: str) -> None:
                            "precise, batch")
 
 
-def _check_dataset(eff: DictConfig, saved: dict[str, Any]) -> None:
-    """Another dataset can be read and has as many classes as the model has outputs."""
+def _check_dataset(eff: DictConfig, saved: dict[str, Any], split: str,
+                   holdout: int | None) -> None:
+    """Another dataset can be read and has as many classes as the model has outputs; the
+    ``holdout`` images leave images of ``split`` to evaluate."""
     from bnbench.data import build_dataset
+    from bnbench.evaluate import held_out_indices
 
     data = build_dataset(eff.dataset)
     head = saved.get("model", {}).get("fc.weight")  # bnbench's models: a ResNet's classifier
     if head is not None and head.shape[0] != data.num_classes:
         raise BnbenchError(f"dataset.name={eff.dataset.name}: {data.num_classes} classes, but the "
                            f"checkpoint's model has {head.shape[0]} outputs")
+    if holdout is not None:
+        held_out_indices(data.train_size if split == "train" else data.val_size, holdout)
 
 
 def _options(cfg: DictConfig, eff: DictConfig, spec: StatsSpec,
@@ -295,6 +354,8 @@ def _options(cfg: DictConfig, eff: DictConfig, spec: StatsSpec,
     where = {"split": cfg.split}
     if cfg.split == "train" and cfg.train_subset is not None:
         where["train_subset"] = cfg.train_subset
+    if cfg.holdout is not None:
+        where["holdout"] = cfg.holdout
     for key, value in {**where, **changes}.items():
         options[key] = value
         parts.append(f"{key}={value if isinstance(value, str) else canonical(value)}")
@@ -331,12 +392,13 @@ def prepare(cfg: DictConfig, dataset_choice: str | None, *, check_data: bool = T
     _check_kind(cfg.stats, eff.norm.name)
     spec = _spec(cfg, eff)
     changes = _dataset_changes(run, eff)
-    if check_data and (changes or dataset_choice is not None):
-        _check_dataset(eff, saved)
+    if check_data and (changes or dataset_choice is not None or cfg.holdout is not None):
+        _check_dataset(eff, saved, cfg.split, cfg.holdout)
     options, tag = _options(cfg, eff, spec, changes)
     state = saved.get("state", {})
     return EvalJob(run_dir, checkpoint, eff, spec, cfg.split, cfg.train_subset, options, tag,
-                   int(state.get("epoch", 0)), int(state.get("iteration", 0)), bool(cfg.force))
+                   int(state.get("epoch", 0)), int(state.get("iteration", 0)), bool(cfg.force),
+                   cfg.holdout)
 
 
 # -- running it ------------------------------------------------------------------------------
@@ -442,7 +504,8 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     # The trainer validates the model of epoch e (0-based) with PreciseBN's subset of epoch e;
     # a checkpoint holds the number of epochs done.
     metrics = evaluate_stats(run.parts.model, run.reader, job.spec, run.parts.plan,
-                             epoch=max(job.epoch - 1, 0), split=job.split, subset=job.subset)
+                             epoch=max(job.epoch - 1, 0), split=job.split, subset=job.subset,
+                             holdout=job.holdout or 0)
     samples = run.parts.plan.precise_samples if job.spec.kind == "precise" else None
     return record_of(job, metrics, time.perf_counter() - start, samples)
 

@@ -15,15 +15,20 @@ A row whose overrides sweep (``trainer.seed=0,1,2``) trains one :class:`Replica`
 averages them. Each training job is a one-job Hydra multirun of ``bnbench train`` (so Hydra's
 launchers apply: submitit for SLURM) in a stable directory ``<root>/<paper>/<name>/<scale>/<row>/``
 with ``trainer.resume=true``: run again, a finished job (its ``summary.json``) is skipped and a
-killed one resumes from its checkpoint. Evaluations and analyses run in this process with the
-functions of ``bnbench eval``/``bnbench analyze`` (one interpreter for all of them), each skipped
-when recorded already. A failed job is reported at the end and the others still run.
+killed one resumes from its checkpoint. Every job runs in this process (one interpreter and one
+torch import for all of them): training through ``bnbench train``'s own entry point, evaluations
+and analyses with the functions of ``bnbench eval``/``bnbench analyze``, each skipped when
+recorded already. An analysis whose ``runs`` is empty (``runs: []``, a toy such as
+``affine_fusion``) reads no training run: it runs once, recorded in ``<experiment dir>/<label>/``.
+A failed job is reported at the end and the others still run.
 ``tensorboard --logdir <root>/<paper>/<name>/<scale>`` overlays the runs' curves. The report
 (:mod:`bnbench.report`) is written at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import platform
@@ -33,9 +38,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from bnbench.errors import BnbenchError
 
@@ -43,6 +49,8 @@ log = logging.getLogger("bnbench")
 
 #: What the experiment command reads itself; every other override goes to the training jobs.
 OWN_KEYS = ("scale", "root", "results")
+#: The row of an analysis that reads no training run (``runs: []``).
+NO_RUN = ""
 
 
 @dataclass(frozen=True)
@@ -57,12 +65,12 @@ class Replica:
 
     @property
     def title(self) -> str:
-        return self.run + (f" [{self.name}]" if self.name else "")
+        return (self.run or "no training run") + (f" [{self.name}]" if self.name else "")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One subprocess: a training run, an evaluation of one, or an analysis of one."""
+    """One job: a training run, an evaluation of one, or an analysis of one."""
 
     kind: str  # "train" | "eval" | "analyze"
     replica: Replica
@@ -99,7 +107,8 @@ class Experiment:
     ``bnbench eval`` overrides; a sweep such as ``precise.seed=0,1,2,3,4`` is averaged too),
     ``curves`` (column → the trainer's per-epoch validation ``stats``), ``analyses`` (label →
     ``{name, runs, options}`` of ``bnbench analyze``), ``x`` (``columns`` | ``runs``: the plot's
-    x axis) and ``claims`` (see :mod:`bnbench.report`).
+    x axis), ``grid`` (true: one run whose evaluations ``"A @ B"`` are laid out as cells (A, B))
+    and ``claims`` (see :mod:`bnbench.report`).
     """
 
     name: str
@@ -116,16 +125,28 @@ class Experiment:
 
     def replicas(self, run: str) -> list[Replica]:
         """The training runs of row ``run`` (one per combination of its sweeps)."""
+        return self._replicas[run]
+
+    @cached_property
+    def _replicas(self) -> dict[str, list[Replica]]:
+        """Every row's replicas. A row that trains exactly what an earlier row trains (the same
+        overrides, in any order) shares its run instead of training it again (CBN with window 1
+        is BN: the batch sweep's k = 1 cells)."""
         from bnbench.cli import expand_sweeps
 
-        combos = expand_sweeps([*self.scale_spec["train"], *self.row(run)["train"]],
-                               multirun=True)
-        varying = [o for combo in combos for o in combo if not all(o in c for c in combos)]
-        base = self.directory / slug(run)
-        out = []
-        for combo in combos:
-            name = ",".join(o for o in combo if o in varying)
-            out.append(Replica(run, name, base / slug(name) if name else base, tuple(combo)))
+        first: dict[frozenset[str], Path] = {}
+        out = {}
+        for run in self.spec["runs"]:
+            combos = expand_sweeps([*self.scale_spec["train"], *self.row(run)["train"]],
+                                   multirun=True)
+            varying = [o for combo in combos for o in combo if not all(o in c for c in combos)]
+            base = self.directory / slug(run)
+            out[run] = []
+            for combo in combos:
+                name = ",".join(o for o in combo if o in varying)
+                directory = first.setdefault(frozenset(combo),
+                                             base / slug(name) if name else base)
+                out[run].append(Replica(run, name, directory, tuple(combo)))
         return out
 
     def row(self, run: str) -> dict[str, list[str]]:
@@ -147,10 +168,17 @@ class Experiment:
                 for column, overrides in (self.spec.get("evals") or {}).items()}
 
     def analyses(self) -> dict[str, dict[str, Any]]:
-        """Label → ``{name, runs, options}`` (``runs`` defaults to every row)."""
-        return {label: {"name": a["name"], "runs": list(a.get("runs") or self.spec["runs"]),
+        """Label → ``{name, runs, options}`` (``runs`` defaults to every row; ``[]``: none, an
+        analysis that reads no run, see :meth:`standalone`)."""
+        return {label: {"name": a["name"],
+                        "runs": list(self.spec["runs"] if a.get("runs") is None else a["runs"]),
                         "options": list(a.get("options") or [])}
                 for label, a in (self.spec.get("analyses") or {}).items()}
+
+    def standalone(self, label: str) -> Replica:
+        """Where the analysis ``label`` that reads no training run records its result: a
+        directory of its own in the experiment's (row :data:`NO_RUN`)."""
+        return Replica(NO_RUN, "", self.directory / slug(label), ())
 
 
 def slug(label: str) -> str:
@@ -207,21 +235,26 @@ def jobs(exp: Experiment) -> list[Job]:
     bnbench = (sys.executable, "-m", "bnbench")
     replicas = {run: exp.replicas(run) for run in exp.spec["runs"]}
     out = []
+    trained = set()  # rows that share a run (same overrides) train it once
     for replica in (r for rs in replicas.values() for r in rs):
+        if replica.directory in trained:
+            continue
+        trained.add(replica.directory)
         argv = (*bnbench, "train", "-m", *replica.overrides, *exp.forwarded,
                 f"hydra.sweep.dir={replica.directory.parent}",
                 f"hydra.sweep.subdir={replica.directory.name}", "trainer.resume=true")
         out.append(Job("train", replica, replica.run, argv))
+    seen = set()  # B=10³ and B=N are one evaluation where N ≤ 10³; shared runs evaluate once
     for replica in (r for rs in replicas.values() for r in rs):
-        seen = set()
         for column, options_list in exp.evaluations(replica.run).items():
             for options in options_list:
-                if options not in seen:  # B=10³ and B=N are one evaluation where N ≤ 10³
+                if (replica.directory, options) not in seen:
                     argv = (*bnbench, "eval", f"run={replica.directory}", *options)
                     out.append(Job("eval", replica, column, argv, options))
-                seen.add(options)
+                seen.add((replica.directory, options))
     for label, analysis in exp.analyses().items():
-        for replica in (r for run in analysis["runs"] for r in replicas[run]):
+        targets = [r for run in analysis["runs"] for r in replicas[run]]
+        for replica in targets or [exp.standalone(label)]:
             options = tuple(analysis["options"])
             argv = (*bnbench, "analyze", analysis["name"], f"run={replica.directory}", *options)
             out.append(Job("analyze", replica, label, argv, options, analysis["name"]))
@@ -231,6 +264,8 @@ def jobs(exp: Experiment) -> list[Job]:
 def _finished(exp: Experiment, job: Job) -> bool:
     """A training run with its ``summary.json``; an evaluation or analysis recorded at the run's
     last iteration (the command would say so too, after starting a process)."""
+    if job.kind == "analyze" and job.run == NO_RUN:  # no training run: recorded or not
+        return analysis_record(job.replica.directory, job.analysis, list(job.options)) is not None
     summary = job.replica.directory / "summary.json"
     if not summary.exists():
         return False
@@ -276,12 +311,13 @@ def analysis_record(run_dir: Path, name: str, options: list[str]) -> dict[str, A
 
 
 def run_job(job: Job) -> tuple[bool, str]:
-    """Run one job; ``(ok, last error line)``. Training runs are ``bnbench train`` processes (so
-    Hydra's launchers apply); evaluations and analyses run in this process, through the
-    functions of ``bnbench eval``/``bnbench analyze`` (one interpreter and torch import for all
-    of them), on this machine."""
+    """Run one job in this process; ``(ok, last error line)``. A training run is ``bnbench train
+    -m <overrides>`` (Hydra's launcher runs it: here with the basic launcher, on the cluster with
+    submitit's); evaluations and analyses are the functions of ``bnbench eval``/``bnbench
+    analyze``. One interpreter for every job: torch, Hydra and the optimizer's compiler stack are
+    imported once per experiment instead of once per run."""
     if job.kind == "train":
-        return run_process(job.argv)
+        return train_here(job)
     try:
         if job.kind == "eval":
             evaluate_here(job)
@@ -294,14 +330,54 @@ def run_job(job: Job) -> tuple[bool, str]:
     return True, ""
 
 
-def run_process(argv: tuple[str, ...]) -> tuple[bool, str]:
-    """A subprocess; its output goes to the terminal as usual. ``(ok, last error line)``."""
-    proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True)
-    if proc.stderr:
-        sys.stderr.write(proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("bnbench: error:")]
-    return proc.returncode == 0, (errors or lines or [f"exit status {proc.returncode}"])[-1]
+class _LastErrorLine(io.TextIOBase):
+    """``sys.stderr`` during a training job: passes everything through and keeps the last
+    ``bnbench: error:`` line (the job's one-line reason, for the experiment's summary)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.last = stream, ""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.startswith("bnbench: error: "):
+                self.last = line
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def train_here(job: Job) -> tuple[bool, str]:
+    """``bnbench train -m <overrides>`` in this process; ``(ok, its error line)`` (the run
+    printed the line itself).
+    The command's global state is restored afterwards: ``sys.argv`` and ``sys.stdout`` (which it
+    sets for Hydra), the root logger's handlers (Hydra points them at the run's log) and Hydra's
+    global instance. Ctrl-C (the run prints where to resume) stops the experiment."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bnbench import cli
+
+    errors = _LastErrorLine(sys.stderr)
+    argv, stdout, root = sys.argv, sys.stdout, logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with contextlib.redirect_stderr(errors):
+            code = cli.main(list(job.argv[job.argv.index("train"):]))
+    except SystemExit as stop:  # the job's own exit (Hydra runs it inside its launcher)
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv, sys.stdout = argv, stdout
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        GlobalHydra.instance().clear()
+    if code == cli.EXIT_INTERRUPTED:
+        raise KeyboardInterrupt
+    if code != 0:
+        return False, errors.last or f"bnbench train exited with status {code}"
+    return True, ""
 
 
 def evaluate_here(job: Job) -> None:
@@ -327,11 +403,11 @@ def execute(exp: Experiment) -> list[Outcome]:
     """Run every job that is not finished; a failed run's evaluations are not run."""
     todo = jobs(exp)
     outcomes: list[Outcome] = []
-    failed_runs: set[Replica] = set()
+    failed_runs: set[Path] = set()  # their directories (rows may share a run)
     durations: list[float] = []
     for index, job in enumerate(todo, 1):
         what = f"[{index}/{len(todo)}] {job.title}"
-        if job.replica in failed_runs:
+        if job.replica.directory in failed_runs:
             outcomes.append(Outcome(job, "not run", message="its training run failed"))
             continue
         if _finished(exp, job):
@@ -347,7 +423,7 @@ def execute(exp: Experiment) -> list[Outcome]:
         durations.append(seconds)
         outcomes.append(Outcome(job, "done" if ok else "failed", seconds, "" if ok else message))
         if not ok and job.kind == "train":
-            failed_runs.add(job.replica)
+            failed_runs.add(job.replica.directory)
     return outcomes
 
 

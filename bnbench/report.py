@@ -38,7 +38,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bnbench.errors import BnbenchError
-from bnbench.experiment import Experiment, Replica, load
+from bnbench.experiment import NO_RUN, Experiment, Replica, load
 from bnbench.logs import write_text
 
 
@@ -106,6 +106,8 @@ def our_cells(exp: Experiment) -> Cells:
             row[label] = Stat.of([points[-1][1]] if points else [])
             row[f"{label} (mean)"] = Stat.of([statistics.fmean(v for _, v in points)]
                                              if points else [])
+    if exp.spec.get("grid"):
+        return gridded(exp, cells)
     return pivoted(exp, cells) if exp.spec.get("pivot") else cells
 
 
@@ -126,9 +128,29 @@ def pivoted(exp: Experiment, cells: Cells) -> Cells:
     return out
 
 
+def gridded(exp: Experiment, cells: Cells) -> Cells:
+    """The cells of an evaluation grid (``grid: true``): the one run's evaluation
+    ``"A @ B"`` becomes cell (A, B) — one model evaluated under two factors (Rethinking Table 4:
+    the evaluated domain × the domain of the statistics)."""
+    layout(exp)  # (checks the labels)
+    out: Cells = {}
+    for label, value in next(iter(cells.values()), {}).items():
+        row, _, column = label.partition(PIVOT_SEP)
+        out.setdefault(row, {})[column] = value
+    return out
+
+
 def layout(exp: Experiment) -> tuple[list[str], list[str]]:
     """The report table's rows and columns: the runs and the evaluations (and curves), or for
-    a sweep table the two halves of the run labels."""
+    a sweep table the two halves of the run labels, or for an evaluation grid those of the
+    evaluation labels."""
+    if exp.spec.get("grid"):
+        halves = [column.partition(PIVOT_SEP) for column in columns_of(exp)]
+        if len(exp.spec["runs"]) != 1 or any(not sep for _, sep, _ in halves):
+            raise BnbenchError(f"experiment {exp.name}: with grid, one run and every evaluation "
+                               f"labelled '<row>{PIVOT_SEP}<column>'")
+        return (list(dict.fromkeys(a for a, _, _ in halves)),
+                list(dict.fromkeys(b for _, _, b in halves)))
     if not exp.spec.get("pivot"):
         return list(exp.spec["runs"]), columns_of(exp)
     halves = [run.partition(PIVOT_SEP) for run in exp.spec["runs"]]
@@ -185,9 +207,9 @@ def our_analyses(exp: Experiment) -> dict[str, dict[str, list[dict[str, Any]]]]:
 
     out: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for label, analysis in exp.analyses().items():
-        for run in analysis["runs"]:
+        for run in analysis["runs"] or [NO_RUN]:  # (none: an analysis that reads no run)
             results = []
-            for replica in exp.replicas(run):
+            for replica in exp.replicas(run) if run != NO_RUN else [exp.standalone(label)]:
                 rec = analysis_record(replica.directory, analysis["name"], analysis["options"])
                 if rec is not None:
                     results.append(rec["result"])
@@ -222,10 +244,11 @@ class Operands:
             cell, name = self.value(operand["std"])  # (its own spread, never the floor)
             return (None if cell is None else Stat(cell.std, 0.0, 1)), f"std of {name}"
         if isinstance(operand, dict):
-            results = self.analyses.get(operand["analysis"], {}).get(operand["run"], [])
+            run = operand.get("run", NO_RUN)  # (no run: an analysis that reads none)
+            results = self.analyses.get(operand["analysis"], {}).get(run, [])
             values = [r["scalars"][operand["scalar"]] for r in results
                       if r.get("scalars", {}).get(operand["scalar"]) is not None]
-            return Stat.of(values), f"{operand['run']} {operand['scalar']}"
+            return Stat.of(values), f"{run} {operand['scalar']}".strip()
         row, column = operand
         cell = self.cells.get(row, {}).get(column)
         if across_runs and cell is not None and cell.n == 1 and self.seed_spread:
@@ -372,8 +395,9 @@ def render(exp: Experiment, ours: Cells, paper: dict[str, Any], claims: list[dic
         md.append("")
     for label, by_run in (analyses or {}).items():
         for run, results in by_run.items():
-            md += [f"**{label}: {run}**" + (f" (replica 1 of {len(results)})"
-                                            if len(results) > 1 else ""), ""]
+            where = run or "no training run"
+            md += [f"**{label}: {where}**" + (f" (replica 1 of {len(results)})"
+                                              if len(results) > 1 else ""), ""]
             md += _plain_table(results[0]["table"]) if results else ["(not run)", ""]
     md += ["## Claims", ""]
     for claim in claims:
@@ -452,7 +476,8 @@ def plot(exp: Experiment, ours: Cells, paper: Cells, curves: Curves,
         name = exp.analyses()[label]["name"]
         for run, results in by_run.items():
             if results:
-                def draw(ax: Any, result: dict = results[0], title: str = f"{label}: {run}",
+                def draw(ax: Any, result: dict = results[0],
+                         title: str = f"{label}: {run}" if run else label,
                          plot_fn: Any = ANALYSES[name].plot) -> None:
                     plot_fn(result, ax)
                     ax.set_title(title)

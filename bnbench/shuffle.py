@@ -20,7 +20,10 @@ gradients of a rank are those of the samples it normalized; DDP around this modu
 as usual (see :func:`bnbench.distributed.wrap_model`). Unequal per-rank batches are padded for
 the gathers. Outside training (``eval()``), or with a single process, the module is called
 directly: population statistics do not depend on the grouping, and one process already holds
-the whole global batch, so there is nothing to shuffle across.
+the whole global batch, so there is nothing to shuffle across — unless the process simulates
+several devices (``within_process=True``: the crop head of :mod:`bnbench.models.crops`, whose
+BN layers normalize groups of the process's batch), where the same steps run with a group of one
+process: ``π`` drawn from the global RNG, the module run on ``X[π]``, its outputs un-shuffled.
 """
 
 from __future__ import annotations
@@ -78,14 +81,17 @@ class ShuffleBN(nn.Module):
         module: the normalized part of the network; takes and returns batch-first tensors.
         group: the processes to shuffle across (default: all). A group of its own keeps these
             collectives apart from DDP's.
+        within_process: shuffle a single process's batch too (its simulated devices).
 
     After each shuffled forward, ``last_permutation`` holds ``π`` (CPU, int64) for inspection.
     """
 
-    def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None,
+                 within_process: bool = False) -> None:
         super().__init__()
         self.module = module
         self.group = group
+        self.within_process = within_process
         self.last_permutation: Tensor | None = None
 
     def _world(self) -> int:
@@ -94,6 +100,8 @@ class ShuffleBN(nn.Module):
         return dist.get_world_size(self.group or dist.group.WORLD)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.training and self.within_process and self._world() == 1:
+            return self._forward_within(x, *args, **kwargs)
         if not self.training or self._world() == 1:
             return self.module(x, *args, **kwargs)
         group = self.group or dist.group.WORLD
@@ -107,6 +115,15 @@ class ShuffleBN(nn.Module):
         shuffled = gather_cat(x, sizes, group)[perm[mine]]
         out = self.module(shuffled, *args, **kwargs)
         return gather_cat(out, sizes, group)[inverse[mine]]
+
+    def _forward_within(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """One process: ``Y = module(X[π])``, returned as ``Y[π⁻¹]`` (``π`` from the global
+        RNG, as the multi-process draw)."""
+        perm = torch.randperm(x.shape[0]).to(x.device)
+        self.last_permutation = perm.cpu()
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return self.module(x[perm], *args, **kwargs)[inverse]
 
     @staticmethod
     def _sizes(x: Tensor, group: dist.ProcessGroup) -> list[int]:

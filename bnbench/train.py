@@ -28,7 +28,7 @@ from torch import nn
 
 from bnbench import checkpoint as ckpt
 from bnbench import distributed as D
-from bnbench.config import layer_options
+from bnbench.config import TrainConfig, layer_options
 from bnbench.data import DataSource, Loader, build_dataset
 from bnbench.errors import BnbenchError
 from bnbench.evaluate import (
@@ -91,6 +91,24 @@ def _ramp(factor: float, done: int, length: int) -> float:
     return factor + (1 - factor) * done / length
 
 
+def training_loss(model: nn.Module, output: torch.Tensor, targets: torch.Tensor,
+                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a training step and the ``(N, K)`` logits whose top-1 the trainer counts.
+
+    A model whose training output is not one logits tensor owns its loss: its
+    ``training_loss(output, targets, label_smoothing)`` returns both (the FPN head,
+    :class:`bnbench.models.fpn.FPNClassifier`: ``Σ_l CE(z_l, y)`` over its levels, and their
+    mean logits). Any other model's output is its logits, and the loss their cross-entropy. In
+    eval mode every model returns ``(N, K)`` logits, so evaluation has no such hook. The output
+    is float32 at least (bf16 autocast), float64 in float64 runs.
+    """
+    output = output if output.dtype == torch.float64 else output.float()
+    own = getattr(model, "training_loss", None)
+    if own is not None:
+        return own(output, targets, label_smoothing)
+    return F.cross_entropy(output, targets, label_smoothing=label_smoothing), output
+
+
 def param_groups(model: nn.Module, weight_decay: float, no_wd_norm_bias: bool) -> list[dict]:
     """SGD groups: optionally no weight decay on normalization parameters and biases."""
     if not no_wd_norm_bias:
@@ -132,7 +150,7 @@ def build_run(cfg: DictConfig, *, rank: int = 0, world: int = 1,
     plan = batch_plan(cfg, world, data.train_size)
     train_loader = data.loader("train", plan.per_process, augment=True, shuffle=True,
                                drop_last=True, seed=cfg.trainer.seed, rank=rank,
-                               world_size=world, device=device)
+                               world_size=world, device=device, pattern=plan.pattern)
     options = layer_options(cfg, plan, len(train_loader))
     model = build_model(cfg.model, cfg.norm.name, options, data.num_classes).to(device)
     if cfg.trainer.float64:
@@ -182,7 +200,10 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any],
                    prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` for every key whose value differs between a
     checkpoint's config and this run's, except :data:`RESUMABLE_CHANGES`: resuming with another
-    dataset, norm or schedule would silently continue a different run."""
+    dataset, norm or schedule would silently continue a different run. A key that a checkpoint of
+    an older bnbench lacks counts as its schema default (the value the run had in effect)."""
+    if not prefix:
+        saved = _with_defaults(saved, OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
     out = []
     for key in sorted(set(saved) | set(current)):
         name = f"{prefix}{key}"
@@ -191,6 +212,17 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any],
             out += config_changes(a, b, f"{name}.")
         elif a != b and name not in RESUMABLE_CHANGES:
             out.append((name, a, b))
+    return out
+
+
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys it lacks taken from ``defaults`` (recursively)."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _with_defaults(out[key], value)
     return out
 
 
@@ -345,9 +377,8 @@ class Trainer:
         for x, y in self.reader.cast(bar):
             lr = self._set_lr()
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                logits = net(x)
-            logits = logits if logits.dtype == torch.float64 else logits.float()  # float64 runs
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+                output = net(x)
+            loss, logits = training_loss(self.model, output, y, cfg.optim.label_smoothing)
             if not torch.isfinite(loss):
                 kept = self.ckpt_path is not None and self.ckpt_path.exists()
                 raise BnbenchError(
@@ -411,9 +442,9 @@ class Trainer:
         results: dict[str, dict[str, float]] = {}
         for spec in self.specs:
             start = time.perf_counter()
-            results[spec.kind] = evaluate_stats(self.model, self.reader, spec, self.plan,
+            results[spec.name] = evaluate_stats(self.model, self.reader, spec, self.plan,
                                                 epoch=self.state.epoch)
-            results[spec.kind]["time"] = time.perf_counter() - start
+            results[spec.name]["time"] = time.perf_counter() - start
         return results
 
     # -- the run ------------------------------------------------------------------------------

@@ -145,6 +145,23 @@ def test_replicas_of_a_swept_row_get_their_own_directories(tmp_path):
                                       ("stats=precise", "precise.seed=1")]
 
 
+def test_rows_with_the_same_overrides_share_one_run(tmp_path):
+    """CBN with window 1 is BN: a row that trains exactly an earlier row's overrides (in any
+    order) reads that row's run, which is trained and evaluated once."""
+    from bnbench.experiment import jobs
+
+    spec = {"runs": {"bn": ["norm=ghost", "norm.nbs=2"], "cbn k=1": ["norm.nbs=2", "norm=ghost"],
+                     "cbn": ["norm=cbn", "norm.nbs=2"]},
+            "evals": {"EMA": ["stats=ema"]}}
+    exp = _experiment(tmp_path, spec)
+    (bn,), (alias,), (cbn,) = (exp.replicas(r) for r in spec["runs"])
+    assert alias.directory == bn.directory and cbn.directory != bn.directory
+    todo = jobs(exp)
+    assert [j.replica.directory for j in todo if j.kind == "train"] == [bn.directory,
+                                                                         cbn.directory]
+    assert len([j for j in todo if j.kind == "eval"]) == 2
+
+
 def test_cells_average_replicas_and_claims_respect_the_spread(tmp_path, records_by_options):
     import statistics
 

@@ -91,3 +91,19 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, monkeypatch):
         losses.append(trainer._train_epoch(0)["loss"])
         assert (trainer.net is not trainer.model) == (compiled == "true")
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_resume_compares_configs_with_an_older_checkpoints_missing_keys_as_defaults():
+    """A checkpoint saved before a key existed had the key's default in effect: resuming with
+    the default is no change, resuming with another value is (named)."""
+    from omegaconf import OmegaConf
+
+    from bnbench.config import TrainConfig
+    from bnbench.train import config_changes
+
+    current = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    saved = {**current, "model": {k: v for k, v in current["model"].items() if k != "head"},
+             "optim": {**current["optim"], "lr": 0.1}}
+    assert config_changes(saved, current) == [("optim.lr", 0.1, current["optim"]["lr"])]
+    current["model"]["head"] = "fpn"
+    assert ("model.head", "pool", "fpn") in config_changes(saved, current)

@@ -14,6 +14,10 @@ Datasets (``cfg.name``):
   uint8 tensors of ``crop_size`` (for small trees) and augmented like CIFAR, otherwise it is
   read like ``imagenet``.
 
+``corruption`` and ``severity`` (every dataset): ImageNet-C's corruption of every image
+(:mod:`bnbench.data.corruptions`; ``none``: clean), a fixed image per index of each split,
+before augmentation and normalization.
+
 ``pad`` (crop padding of the tensor path) defaults per dataset: 2 for synthetic, 4 for CIFAR,
 ``crop_size // 8`` for in-memory folders. Dataset sizes other than the synthetic ones come from
 the data, not from ``num_train``/``num_val``/``num_classes``.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,8 @@ from torch import Tensor
 
 from bnbench.config import DatasetConfig
 from bnbench.data import synthetic
+from bnbench.data.corruptions import NONE as CLEAN
+from bnbench.data.corruptions import Corruption, check_corruption
 from bnbench.data.loaders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,6 +49,7 @@ from bnbench.data.loaders import (
     eval_transform,
     load_rgb,
 )
+from bnbench.data.patterns import ClassPairs
 from bnbench.errors import BnbenchError
 
 log = logging.getLogger("bnbench")
@@ -55,23 +62,37 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 @dataclass(frozen=True)
 class TensorSplit:
-    """A split held in memory: uint8 images [N,3,H,W] and int64 labels [N]."""
+    """A split held in memory: uint8 images [N,3,H,W] and int64 labels [N]; ``ids``: each
+    image's index in the whole split (``None``: 0 … N−1; a subset keeps its images')."""
 
     images: Tensor
     labels: Tensor
+    ids: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    def subset(self, indices: Tensor) -> TensorSplit:
+        """The images at ``indices`` (int64, positions in this split), keeping their ids."""
+        ids = torch.arange(len(self)) if self.ids is None else self.ids
+        return TensorSplit(self.images[indices], self.labels[indices], ids[indices])
+
 
 @dataclass(frozen=True)
 class FolderSplit:
-    """A split left on disk as (path, label) samples."""
+    """A split left on disk as (path, label) samples; ``ids`` as :class:`TensorSplit`'s."""
 
     samples: tuple[tuple[str, int], ...]
+    ids: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def subset(self, indices: Tensor) -> FolderSplit:
+        """The samples at ``indices`` (positions in this split), keeping their ids."""
+        ids = range(len(self)) if self.ids is None else self.ids
+        return FolderSplit(tuple(self.samples[i] for i in indices.tolist()),
+                           tuple(ids[i] for i in indices.tolist()))
 
 
 Split = TensorSplit | FolderSplit
@@ -92,6 +113,8 @@ class DataSource:
     resize_size: int = 256
     workers: int = 4
     class_names: tuple[str, ...] = ()
+    seed: int = 0  # the dataset's seed (of its images' corruption noise too)
+    corruption: Corruption | None = None  # ImageNet-C's, of every image (None: clean)
 
     @property
     def train_size(self) -> int:
@@ -100,6 +123,25 @@ class DataSource:
     @property
     def val_size(self) -> int:
         return len(self.val)
+
+    def labels(self, split: str) -> Tensor:
+        """The labels of ``split`` ('train' or 'val'), int64 [N] on the CPU."""
+        data = self.train if split == "train" else self.val
+        if isinstance(data, TensorSplit):
+            return data.labels.cpu()
+        return torch.tensor([label for _, label in data.samples], dtype=torch.int64)
+
+    def corrupted(self, name: str, severity: int) -> DataSource:
+        """The same images under ImageNet-C's ``name`` at ``severity`` (``none``: clean)."""
+        check_corruption("dataset", name, severity)
+        corruption = None if name == CLEAN else Corruption(name, severity, self.seed)
+        return replace(self, corruption=corruption)
+
+    def subset(self, split: str, indices: Tensor) -> DataSource:
+        """This dataset with ``split`` ('train' or 'val') reduced to the images at ``indices``
+        (each corrupted as in the whole split)."""
+        data = self.train if split == "train" else self.val
+        return replace(self, **{split: data.subset(indices)})
 
     def loader(
         self,
@@ -113,11 +155,14 @@ class DataSource:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
+        pattern: int | None = None,
     ) -> Loader:
         """A loader over ``split`` ('train' or 'val') for one rank of ``world_size``.
 
         ``augment``, ``shuffle`` and ``drop_last`` default to True for 'train' and False for
-        'val'; ordering and sharding follow ``bnbench.data.loaders``.
+        'val'; ordering and sharding follow ``bnbench.data.loaders``. ``pattern``: batches in
+        class-pairs groups of that many samples (:mod:`bnbench.data.patterns`), else in the
+        order ``shuffle`` says.
         """
         if split not in ("train", "val"):
             raise BnbenchError(f"split={split!r}: must be 'train' or 'val'")
@@ -135,6 +180,11 @@ class DataSource:
             "std": self.std,
             "kind": "training" if train else "validation",
         }
+        if pattern is not None:
+            common["pattern"] = ClassPairs(self.labels(split), pattern, common["kind"])
+        if self.corruption is not None:
+            common["corrupt"] = replace(self.corruption, split=split)
+            common["ids"] = data.ids
         if isinstance(data, TensorSplit):
             return TensorLoader(data.images, data.labels, batch_size, pad=self.pad, **common)
         return FolderLoader(
@@ -181,6 +231,7 @@ def _check_config(cfg: DatasetConfig) -> None:
     if cfg.name != "synthetic" and cfg.difficulty != synthetic.DEFAULT_DIFFICULTY:
         raise BnbenchError(f"dataset.difficulty={cfg.difficulty}: only the synthetic dataset has "
                            f"difficulties (dataset.name={cfg.name})")
+    check_corruption("dataset", cfg.corruption, cfg.severity)
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -351,7 +402,9 @@ def build_dataset(cfg: object) -> DataSource:
     conf = _read_config(cfg)
     _check_config(conf)
     if conf.name == "synthetic":
-        return _build_synthetic(conf)
-    if conf.name in ("cifar10", "cifar100"):
-        return _build_cifar(conf)
-    return _build_folder(conf)
+        data = _build_synthetic(conf)
+    elif conf.name in ("cifar10", "cifar100"):
+        data = _build_cifar(conf)
+    else:
+        data = _build_folder(conf)
+    return replace(data, seed=conf.seed).corrupted(conf.corruption, conf.severity)

@@ -3,7 +3,10 @@
 Ordering and sharding (shared by every loader, so that distributed runs are reproducible):
 
 * at epoch ``e`` the sample order is ``torch.randperm(N, generator=g)`` with ``g`` seeded by
-  ``seed * 1000003 + e`` (the identity when not shuffling);
+  ``seed * 1000003 + e`` (the identity when not shuffling); with a ``pattern``
+  (:class:`bnbench.data.patterns.ClassPairs`, ``trainer.batch_pattern=class_pairs``) it is that
+  pattern's order, drawn from the same ``g``, and ``N`` is its positions per epoch (whole
+  groups);
 * the global batch is ``G = batch_size * world_size``; step ``s`` of rank ``r`` takes epoch
   positions ``[s*G + r*b, s*G + (r+1)*b)`` (clipped to ``N``);
 * augmentation parameters are drawn for every epoch position at once, from a generator seeded
@@ -22,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,9 +35,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bnbench.data.patterns import ClassPairs
 from bnbench.errors import BnbenchError
 
 Batch = tuple[Tensor, Tensor]
+#: Changes uint8 images [B,3,H,W] given their indices in their split [B] (a domain shift:
+#: :class:`bnbench.data.corruptions.Corruption`), before normalization.
+Corrupt = Callable[[Tensor, Tensor], Tensor]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,7 +65,10 @@ def derive_seed(*parts: object) -> int:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Which epoch positions each rank reads at each step (see the module docstring)."""
+    """Which epoch positions each rank reads at each step (see the module docstring).
+
+    ``num_samples`` is the epoch's positions: the split's size, or ``len(pattern)``.
+    """
 
     num_samples: int
     batch_size: int
@@ -68,6 +78,7 @@ class ShardPlan:
     drop_last: bool = False
     seed: int = 0
     kind: str = "training"  # names the images in the too-small error
+    pattern: ClassPairs | None = None  # the epoch order of patterned batches (always drawn)
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -95,9 +106,11 @@ class ShardPlan:
 
     def permutation(self, epoch: int) -> Tensor:
         """Sample index at each epoch position (int64 [N], CPU)."""
-        if not self.shuffle:
+        if not self.shuffle and self.pattern is None:
             return torch.arange(self.num_samples)
         gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        if self.pattern is not None:
+            return self.pattern.order(gen)
         return torch.randperm(self.num_samples, generator=gen)
 
     def positions(self, step: int) -> range:
@@ -146,7 +159,9 @@ class TensorLoader:
     """Batches from uint8 tensors held on ``device``, augmented and normalized there.
 
     Augmentation (when ``augment``): zero-pad ``pad`` px and random-crop back to the input
-    size, then random horizontal flip; all batched, no per-sample Python.
+    size, then random horizontal flip; all batched, no per-sample Python. ``corrupt`` changes
+    each image first, given its index in the split (``ids``: the indices of ``images``, default
+    0 … N−1, so that a subset of a split is corrupted as the whole split is).
     """
 
     def __init__(
@@ -167,19 +182,25 @@ class TensorLoader:
         world_size: int = 1,
         device: torch.device | str = "cpu",
         kind: str = "training",
+        pattern: ClassPairs | None = None,
+        corrupt: Corrupt | None = None,
+        ids: Tensor | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N,C,H,W], got {images.dtype} {images.shape}")
         if pad < 0:
             raise BnbenchError(f"dataset.pad={pad}: must be non-negative")
+        positions = images.shape[0] if pattern is None else len(pattern)
         self.plan = ShardPlan(
-            images.shape[0], batch_size, rank, world_size, shuffle, drop_last, seed, kind
+            positions, batch_size, rank, world_size, shuffle, drop_last, seed, kind, pattern
         )
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
         self.mean, self.std = _stats(mean, self.device), _stats(std, self.device)
         self.augment, self.pad, self.flip = augment, pad, flip
+        self.corrupt = corrupt
+        self.ids = (torch.arange(images.shape[0]) if ids is None else ids).to(self.device)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -207,6 +228,8 @@ class TensorLoader:
             sl = slice(pos.start, pos.stop)
             idx = perm[sl]
             x = self.images.index_select(0, idx)
+            if self.corrupt is not None:
+                x = self.corrupt(x, self.ids.index_select(0, idx))
             if offsets is not None and flips is not None:
                 x = crop_flip(x, offsets[sl], flips[sl], self.pad)
             yield normalize(x, self.mean, self.std), self.labels.index_select(0, idx)
@@ -282,13 +305,18 @@ def train_transform(img: Image.Image, crop: int, aug_seed: int) -> Tensor:
 
 
 class FolderDataset(Dataset[tuple[Tensor, int]]):
-    """(path, label) samples decoded to uint8; items are addressed by (index, aug_seed)."""
+    """(path, label) samples decoded to uint8; items are addressed by (index, aug_seed).
+    ``corrupt`` changes each decoded image (after its crop: ImageNet-C corrupts the centre
+    crop), given its index in the split (``ids``: the samples' indices, default 0 … N−1)."""
 
     def __init__(
-        self, samples: Sequence[tuple[str, int]], *, augment: bool, crop: int, resize: int
+        self, samples: Sequence[tuple[str, int]], *, augment: bool, crop: int, resize: int,
+        corrupt: Corrupt | None = None, ids: Sequence[int] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.augment, self.crop, self.resize = augment, crop, resize
+        self.corrupt = corrupt
+        self.ids = list(range(len(self.samples)) if ids is None else ids)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -298,8 +326,12 @@ class FolderDataset(Dataset[tuple[Tensor, int]]):
         path, label = self.samples[index]
         img = load_rgb(path)
         if self.augment:
-            return train_transform(img, self.crop, aug_seed), label
-        return eval_transform(img, self.resize, self.crop), label
+            image = train_transform(img, self.crop, aug_seed)
+        else:
+            image = eval_transform(img, self.resize, self.crop)
+        if self.corrupt is not None:
+            image = self.corrupt(image[None], torch.tensor([self.ids[index]]))[0]
+        return image, label
 
 
 class ShardBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -363,16 +395,21 @@ class FolderLoader:
         device: torch.device | str = "cpu",
         workers: int = 4,
         kind: str = "training",
+        pattern: ClassPairs | None = None,
+        corrupt: Corrupt | None = None,
+        ids: Sequence[int] | None = None,
     ) -> None:
         if workers < 0:
             raise BnbenchError(f"dataset.workers={workers}: must be non-negative")
+        positions = len(samples) if pattern is None else len(pattern)
         self.plan = ShardPlan(
-            len(samples), batch_size, rank, world_size, shuffle, drop_last, seed, kind
+            positions, batch_size, rank, world_size, shuffle, drop_last, seed, kind, pattern
         )
         self.device = torch.device(device)
         self.mean, self.std = _stats(mean, self.device), _stats(std, self.device)
         self.sampler = ShardBatchSampler(self.plan)
-        dataset = FolderDataset(samples, augment=augment, crop=crop, resize=resize)
+        dataset = FolderDataset(samples, augment=augment, crop=crop, resize=resize,
+                                corrupt=corrupt, ids=ids)
         self._loader = DataLoader(
             dataset,
             batch_sampler=self.sampler,

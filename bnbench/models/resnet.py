@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from bnbench import norm as norms
 from bnbench.errors import BnbenchError
+from bnbench.models.crops import crop_classifier
+from bnbench.models.fpn import fpn_classifier
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -132,6 +134,8 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
         self.layer3 = self._make_layer(block, widths[2], layers[2], 2)
         self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
+        #: Channels of the outputs of layer1 … layer4 (what a feature pyramid's laterals take).
+        self.stage_channels = [w * block.expansion for w in widths]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
         for m in self.modules():
@@ -159,9 +163,17 @@ class ResNet(nn.Module):
         ]
         return nn.Sequential(*layers)
 
-    def forward_features(self, x):
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """The outputs of layer1 … layer4 (strides 1, 2, 4, 8 relative to the stem's output)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        outputs = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def forward_features(self, x):
+        return self.forward_stages(x)[-1]
 
     def forward(self, x):
         return self.fc(self.avgpool(self.forward_features(x)).flatten(1))
@@ -186,10 +198,16 @@ def resnet(
     )
 
 
+#: ``model.head`` values: what follows the backbone.
+HEADS = ("pool", "fpn", "crops")
+
+
 def build_model(
     model_cfg: Any, norm_name: str, norm_options: dict[str, Any], num_classes: int
 ) -> nn.Module:
     """Model from config: the architecture, then the normalization swapped in by the registry."""
+    if model_cfg.head not in HEADS:
+        raise BnbenchError(f"model.head={model_cfg.head}: choose one of {', '.join(HEADS)}")
     model = resnet(
         model_cfg.arch,
         num_classes,
@@ -197,4 +215,9 @@ def build_model(
         small_input=model_cfg.small_input,
         zero_init_residual=model_cfg.zero_init_residual,
     )
-    return norms.convert(model, norm_name, **norm_options)
+    if model_cfg.head == "crops":  # norm is the head's here; the backbone's is model.crops'
+        return crop_classifier(model, model_cfg.crops, norm_name, norm_options, num_classes)
+    model = norms.convert(model, norm_name, **norm_options)
+    if model_cfg.head == "fpn":  # the head's own norm, built after the backbone's swap
+        return fpn_classifier(model, model_cfg.fpn, num_classes)
+    return model

@@ -927,16 +927,16 @@ def run_optimizer(model: nn.Module, cfg: DictConfig, state: Mapping[str, Any] | 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
              cfg: DictConfig) -> None:
     """One training step as :class:`bnbench.train.Trainer` takes it: the model in training mode
-    (its own normalization: a CBN run's window), bf16 autocast if the run used it, cross-entropy
-    with the run's label smoothing, backward, SGD."""
+    (its own normalization: a CBN run's window), bf16 autocast if the run used it, the trainer's
+    loss (:func:`bnbench.train.training_loss`) with the run's label smoothing, backward, SGD."""
     import torch
-    import torch.nn.functional as F
+
+    from bnbench.train import training_loss
 
     model.train()
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bool(cfg.trainer.bf16)):
-        logits = model(x)
-    logits = logits if logits.dtype == torch.float64 else logits.float()
-    loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+        output = model(x)
+    loss, _ = training_loss(model, output, y, cfg.optim.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -58,7 +58,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -523,6 +522,7 @@ FIRST_STEP_CODE = ("import time; t0 = time.perf_counter(); import sys; "
 def first_step(spec_json: str, t0: float) -> None:
     """In a fresh process: build the model as training does, run and time its first training
     step, print ``{"first_step_s", "process_s"}`` as JSON (``process_s``: from ``t0``)."""
+    from bnbench.config import ModelConfig
     from bnbench.models import build_model
     from bnbench.models.resnet import resnet
 
@@ -536,8 +536,7 @@ def first_step(spec_json: str, t0: float) -> None:
             model = resnet(s["arch"], s["num_classes"], width=s["width"],
                            small_input=s["small_input"])
         else:
-            cfg = SimpleNamespace(arch=s["arch"], width=s["width"], small_input=s["small_input"],
-                                  zero_init_residual=False)
+            cfg = ModelConfig(arch=s["arch"], width=s["width"], small_input=s["small_input"])
             model = build_model(cfg, name, s["options"], s["num_classes"])
         model = model.to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -626,13 +625,14 @@ def measure_first_steps(variants: list[Variant], args: argparse.Namespace, devic
 def measure_precise(args: argparse.Namespace, device: torch.device,
                     measurements: list) -> dict[str, Any]:
     """PreciseBN (``update_population_stats``) against a no-grad eval forward, same batches."""
+    from bnbench.config import ModelConfig
     from bnbench.models import build_model
     from bnbench.population import update_population_stats
 
     n, b = args.precise_samples, args.precise_batch
     torch.manual_seed(args.seed)
-    cfg = SimpleNamespace(arch=args.model_arch, width=args.model_width,
-                          small_input=args.stem == "small", zero_init_residual=False)
+    cfg = ModelConfig(arch=args.model_arch, width=args.model_width,
+                      small_input=args.stem == "small")
     model = build_model(cfg, "bn", {}, args.num_classes).to(device)
     size = (3, args.image_size, args.image_size)
     batches = [torch.randn(b, *size, device=device) for _ in range(n // b)]

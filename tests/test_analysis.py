@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import train_tiny
+from tiny import fresh_copy, train_tiny
 
 from bnbench import analysis as A
 from bnbench import cli
@@ -46,13 +46,7 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture
 def run(trained, tmp_path, monkeypatch) -> Path:
     """A fresh copy of the trained run; the cwd is an empty folder (nothing may land there)."""
-    monkeypatch.setenv("BNBENCH_CACHE", str(trained.parent / "cache"))
-    copy_dir = tmp_path / "run"
-    shutil.copytree(trained, copy_dir)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return copy_dir
+    return fresh_copy(trained, tmp_path, monkeypatch)
 
 
 def _analyze(*args: str) -> int:

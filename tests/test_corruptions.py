@@ -5,8 +5,6 @@ against a second computation of the same numbers."""
 from __future__ import annotations
 
 import io
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 from images import write_png_tree
 from omegaconf import OmegaConf
 from PIL import Image
-from tiny import train_tiny
+from tiny import fresh_copy, train_tiny
 from torch import nn
 
 from bnbench import cli, eval_app
@@ -240,13 +238,7 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture
 def run(trained, tmp_path, monkeypatch) -> Path:
     """A copy of the trained run; the cwd an empty folder."""
-    monkeypatch.setenv("BNBENCH_CACHE", str(trained.parent / "cache"))
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    return copy
+    return fresh_copy(trained, tmp_path, monkeypatch)
 
 
 def _by_hand(images: torch.Tensor, name: str, ids: torch.Tensor) -> torch.Tensor:

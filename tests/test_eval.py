@@ -7,7 +7,6 @@ A tiny run is trained once (``python -m bnbench train``); each test evaluates a 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from tiny import train_tiny
+from tiny import fresh_copy, train_tiny
 
 from bnbench import eval_app
 from bnbench.config import register
@@ -44,14 +43,7 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture
 def run(trained, tmp_path, monkeypatch) -> Path:
     """A fresh copy of the trained run; the cwd is an empty folder (nothing may land there)."""
-    monkeypatch.setenv("BNBENCH_CACHE", str(trained.parent / "cache"))
-    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() sets it for Hydra
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    return copy
+    return fresh_copy(trained, tmp_path, monkeypatch)
 
 
 def _eval(run: Path, *args: str) -> int:

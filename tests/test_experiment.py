@@ -221,7 +221,10 @@ def test_every_training_job_of_every_experiment_is_a_valid_config(scale, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["rethinking/fig2", "rethinking/fig3_4", "rethinking/table1",
                                   "rethinking/fig5", "rethinking/fig6", "rethinking/a2",
-                                  "rethinking/a3", "cbn/taylor_error", "cbn/cost"])
+                                  "rethinking/a3", "rethinking/table4", "rethinking/table5",
+                                  "rethinking/fig8", "rethinking/table6", "cbn/batch_sweep",
+                                  "cbn/window", "cbn/burnin", "cbn/rho", "cbn/neg_var",
+                                  "cbn/taylor_error", "cbn/cost"])
 def test_experiment_end_to_end_at_smoke_scale(tmp_path, name):
     """Every experiment runs at ``scale=smoke``: its report holds every cell, a figure, and a
     decision for every claim."""
@@ -242,8 +245,12 @@ def test_experiment_end_to_end_at_smoke_scale(tmp_path, name):
         filled = {(r, c) for r, col in runs for c in (columns if col == "*" else [col])}
         ours = [r for r in ours if (r["row"], r["column"]) in filled]
         assert len(ours) == len(filled)
+    if spec.get("grid"):  # one run's evaluations "A @ B" laid out as cells (A, B)
+        filled = {tuple(column.split(" @ ")) for column in spec["evals"]}
+        ours = [r for r in ours if (r["row"], r["column"]) in filled]
+        assert len(ours) == len(filled)
     assert bool(ours) == bool(spec.get("evals") or spec.get("curves"))
-    assert all(r["error"] for r in ours)  # every cell measured
+    assert all(r[spec["metric"]] for r in ours)  # every cell measured
     decided = [line for line in md.splitlines() if line.startswith(("- ✔", "- ✗"))]
     assert len(decided) == len(spec.get("claims") or [])
     for label in spec.get("analyses") or {}:

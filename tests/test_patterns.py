@@ -10,25 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from tiny import compose_train as _cfg
 
-from bnbench.config import register, validate
+from bnbench.config import validate
 from bnbench.data import DataSource, TensorSplit
 from bnbench.data.loaders import TensorLoader
 from bnbench.data.patterns import ClassPairs
 from bnbench.errors import BnbenchError
 from bnbench.evaluate import Reader, StatsSpec, eval_batches, run_specs
 from bnbench.plan import batch_plan
-
-
-def _cfg(*overrides: str):
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("bnbench.configs", version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def _labels(counts: list[int], seed: int = 0) -> torch.Tensor:

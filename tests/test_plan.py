@@ -6,22 +6,12 @@ import json
 import math
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from tiny import compose_train as _cfg
 
 from bnbench import cli
-from bnbench.config import RANGES, register, validate
+from bnbench.config import RANGES, validate
 from bnbench.errors import BnbenchError
 from bnbench.plan import batch_plan, expected_processes
-
-
-def _cfg(*overrides: str):
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_module("bnbench.configs", version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 @pytest.mark.parametrize("overrides,processes,want", [

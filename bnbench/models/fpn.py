@@ -184,8 +184,8 @@ def head_norm(fpn: Any, num_levels: int) -> NormLayer | None:
     if fpn.norm == "none":
         return None
     if fpn.norm == "gn":
-        return norms.make("gn", groups=default_groups(fpn.width, preferred=max(1,
-                                                                                fpn.width // 8)))
+        groups = default_groups(fpn.width, preferred=max(1, fpn.width // 8))
+        return norms.make("gn", groups=groups)
     return norms.make("domain", num_domains=num_levels, train_stats=fpn.train_stats,
                       pop_stats=fpn.pop_stats, affine_mode=fpn.affine_mode)
 

@@ -497,6 +497,9 @@ def test_ctrl_c_is_one_line_naming_checkpoint_and_resume(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # as from a terminal: a test run started in the background (`pytest &`) ignores SIGINT,
+        # and a child inherits that (Python then installs no handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         wait_for(tmp_path / "run" / "checkpoints" / "last.pt", proc)

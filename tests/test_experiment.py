@@ -204,8 +204,9 @@ def test_cells_average_replicas_and_claims_respect_the_spread(tmp_path, records_
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "paper"])
 def test_every_training_job_of_every_experiment_is_a_valid_config(scale, tmp_path):
     """Each shipped experiment's training jobs compose and pass ``bnbench train``'s checks at
-    every scale (nothing is trained: what the CBN ablations add over the end-to-end runs
-    below is their options, and those are checked here)."""
+    every scale (nothing is trained: the CBN batch sweep and ablations, which CI's time budget
+    leaves out of the end-to-end runs below, use the same machinery with other options, and
+    those are checked here)."""
     from bnbench.cli import validate_overrides
     from bnbench.experiment import jobs, load
 
@@ -222,9 +223,8 @@ def test_every_training_job_of_every_experiment_is_a_valid_config(scale, tmp_pat
 @pytest.mark.parametrize("name", ["rethinking/fig2", "rethinking/fig3_4", "rethinking/table1",
                                   "rethinking/fig5", "rethinking/fig6", "rethinking/a2",
                                   "rethinking/a3", "rethinking/table4", "rethinking/table5",
-                                  "rethinking/fig8", "rethinking/table6", "cbn/batch_sweep",
-                                  "cbn/window", "cbn/burnin", "cbn/rho", "cbn/neg_var",
-                                  "cbn/taylor_error", "cbn/cost"])
+                                  "rethinking/fig8", "rethinking/table6", "cbn/taylor_error",
+                                  "cbn/cost"])
 def test_experiment_end_to_end_at_smoke_scale(tmp_path, name):
     """Every experiment runs at ``scale=smoke``: its report holds every cell, a figure, and a
     decision for every claim."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,6 +44,25 @@ def _announce(run_dir: Path) -> None:
         Path(path).write_text(json.dumps(info))
 
 
+def _remove_unstarted(run_dir: Path) -> None:
+    """Remove what Hydra wrote for a job that failed before training started (its config
+    folder and its log: nothing else is in the run dir), so a bad input found only once the
+    data or model is built leaves nothing half-written. A dir holding anything else (a run to
+    resume, a user's files) is left as it is."""
+    hc = HydraConfig.get()
+    ours = {name for name in (hc.output_subdir, f"{hc.job.name}.log") if name}
+    if (not run_dir.is_dir() or run_dir.resolve() == Path.cwd()
+            or {p.name for p in run_dir.iterdir()} - ours):
+        return
+    for name in ours:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    run_dir.rmdir()
+
+
 def _job(cfg: DictConfig) -> float | None:
     try:
         validate(cfg)
@@ -58,6 +78,8 @@ def _job(cfg: DictConfig) -> float | None:
     except BnbenchError as err:
         where = f"rank {D.rank()}/{D.world_size()}: " if D.world_size() > 1 else ""
         print(f"bnbench: error: {where}{err}", file=sys.stderr, flush=True)
+        if D.launch_rank() == 0:  # (ranks > 0 of a launcher own no run dir)
+            _remove_unstarted(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(2)
     except Exception as err:  # a peer died: say so in one line instead of a gloo/NCCL traceback
         message = D.peer_failure(err)  # (an interrupt pending in this process is raised here)

@@ -63,18 +63,20 @@ Curves = dict[str, dict[str, list[tuple[int, float]]]]
 
 
 def paper_entry(reference: str | None) -> dict[str, Any]:
-    """The paper's entry ``<paper>/<table>``: ``cells``, ``source`` and an optional ``note``."""
+    """The paper's entry ``<paper>/<table>``: ``cells``, ``source``, ``metric`` (the paper's
+    own: a detector's box AP is not our error) and an optional ``note``."""
     if not reference:
-        return {"cells": {}, "source": "no published numbers for this figure", "note": None}
+        return {"cells": {}, "source": "no published numbers for this figure", "note": None,
+                "metric": None}
     paper, table = reference.split("/", 1)
     text = (resources.files("bnbench.papers") / f"{paper}.yaml").read_text(encoding="utf-8")
     entry = OmegaConf.to_container(OmegaConf.create(text))[table]
     return {"cells": entry.get("cells") or {}, "source": entry["source"],
-            "note": entry.get("note")}
+            "note": entry.get("note"), "metric": entry.get("metric")}
 
 
-def paper_cells(reference: str | None) -> Cells:
-    entry = paper_entry(reference)
+def paper_cells(entry: dict[str, Any]) -> Cells:
+    """The entry's cells as :class:`Stat` (one published number each)."""
     return {row: {col: None if v is None else Stat(float(v), 0.0, 1) for col, v in cols.items()}
             for row, cols in entry["cells"].items()}
 
@@ -376,9 +378,11 @@ def render(exp: Experiment, ours: Cells, paper: dict[str, Any], claims: list[dic
         md += _replica_note(exp)
         md += _table(f"Ours, scale={exp.scale} ({_scale_words(exp.scale)})", ours, rows,
                      columns)
-        p_cells = paper_cells(exp.spec.get("reference"))
+        p_cells = paper_cells(paper)
         if p_cells:
-            md += _table(f"Paper: {paper['source']}", p_cells, rows, columns)
+            theirs = paper.get("metric") or exp.spec["metric"]
+            label = "" if theirs == exp.spec["metric"] else f" (metric: {theirs}, not ours)"
+            md += _table(f"Paper{label}: {paper['source']}", p_cells, rows, columns)
         else:
             md += [f"Paper: {paper['source']}.", ""]
         if paper.get("note"):
@@ -405,14 +409,15 @@ def render(exp: Experiment, ours: Cells, paper: dict[str, Any], claims: list[dic
         md.append(f"- {mark} {claim['text']} — {claim['numbers']}")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["row", "column", "source", "scale", exp.spec["metric"], "std", "n"])
-    for source_name, cells, scale in (("bnbench", ours, exp.scale),
-                                      ("paper", paper_cells(exp.spec.get("reference")),
-                                       "paper")):
+    writer.writerow(["row", "column", "source", "scale", "metric", "value", "std", "n"])
+    for source_name, cells, scale, metric_name in (
+            ("bnbench", ours, exp.scale, exp.spec["metric"]),
+            ("paper", paper_cells(paper), "paper",
+             paper.get("metric") or exp.spec["metric"])):
         for row in rows:
             for column in columns:
                 value = cells.get(row, {}).get(column)
-                writer.writerow([row, column, source_name, scale,
+                writer.writerow([row, column, source_name, scale, metric_name,
                                  "" if value is None else f"{value.mean:.4f}",
                                  "" if value is None else f"{value.std:.4f}",
                                  "" if value is None else value.n])
@@ -430,7 +435,7 @@ def _invocations(exp: Experiment) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["invocations"] if path.exists() else []
 
 
-def _plot_cells(ax: Any, exp: Experiment, cells: Cells, title: str) -> None:
+def _plot_cells(ax: Any, exp: Experiment, cells: Cells, title: str, metric: str) -> None:
     """The metric: x = the columns, a line per row (``x: columns``) or the other way round."""
     rows, columns = layout(exp)
     by_runs = exp.spec.get("x") == "runs"
@@ -443,13 +448,14 @@ def _plot_cells(ax: Any, exp: Experiment, cells: Cells, title: str) -> None:
         ax.errorbar(range(len(xs)), ys, yerr=errs, marker="o", capsize=3, label=line)
     ax.set_xticks(range(len(xs)), xs, rotation=30)
     ax.set_title(title)
-    ax.set_ylabel(exp.spec["metric"] + " (%)")
+    ax.set_ylabel(metric + " (%)")
     ax.legend(fontsize=7)
 
 
-def plot(exp: Experiment, ours: Cells, paper: Cells, curves: Curves,
+def plot(exp: Experiment, ours: Cells, paper: dict[str, Any], curves: Curves,
          analyses: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
-    """The figure: our cells (and the paper's), the curves per row, every analysis panel."""
+    """The figure: our cells (and the paper's entry's, in its own metric), the curves per
+    row, every analysis panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -457,9 +463,11 @@ def plot(exp: Experiment, ours: Cells, paper: Cells, curves: Curves,
 
     panels: list[Any] = []
     if exp.spec.get("evals"):
-        panels.append(lambda ax: _plot_cells(ax, exp, ours, f"bnbench, scale={exp.scale}"))
-        if paper:
-            panels.append(lambda ax: _plot_cells(ax, exp, paper, "paper"))
+        panels.append(lambda ax: _plot_cells(ax, exp, ours, f"bnbench, scale={exp.scale}",
+                                             exp.spec["metric"]))
+        if paper["cells"]:
+            panels.append(lambda ax: _plot_cells(ax, exp, paper_cells(paper), "paper",
+                                                 paper["metric"] or exp.spec["metric"]))
     for run, by_label in curves.items():
         def draw(ax: Any, run: str = run, by_label: dict = by_label) -> None:
             for label, points in by_label.items():
@@ -510,7 +518,7 @@ def write_report(exp: Experiment) -> list[Path]:
     for path, text in zip(paths[:2], (md, table)):
         write_text(path, text)
     tmp_png = paths[2].with_name(f".{paths[2].stem}.tmp.png")
-    plot(exp, ours, paper_cells(exp.spec.get("reference")), curves, analyses, tmp_png)
+    plot(exp, ours, paper, curves, analyses, tmp_png)
     tmp_png.replace(paths[2])
     return paths
 

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+import bnbench
 from bnbench import cli
 from bnbench.experiment import known
 
@@ -69,8 +71,9 @@ def test_table2_killed_resumed_rerun_and_reported(tmp_path):
     assert "scale=smoke" in md and "Git commit:" in md and "Command: `bnbench experiment" in md
     rows = list(csv.DictReader((tmp_path / "res" / "rethinking" / "table2.csv").open()))
     ours = [r for r in rows if r["source"] == "bnbench"]
-    assert len(ours) == 12 and all(r["error"] for r in ours)  # 2 runs × 6 columns, all measured
-    paper = {(r["row"], r["column"]): r["error"] for r in rows if r["source"] == "paper"}
+    assert len(ours) == 12 and all(r["value"] for r in ours)  # 2 runs × 6 columns, all measured
+    assert {r["metric"] for r in rows} == {"error"}
+    paper = {(r["row"], r["column"]): r["value"] for r in rows if r["source"] == "paper"}
     assert paper[("NBS=2", "EMA")] == "35.5000"  # the published cell, from bnbench/papers
     assert (tmp_path / "res" / "rethinking" / "table2.png").stat().st_size > 0
     assert md.count("✔") + md.count("✗") == 3  # every claim decided
@@ -91,7 +94,7 @@ def test_table2_killed_resumed_rerun_and_reported(tmp_path):
                       "results=res")
     assert report.returncode == 0, report.stderr
     rows = list(csv.DictReader((tmp_path / "res" / "rethinking" / "table2.csv").open()))
-    assert all(r["error"] == "" for r in rows if r["source"] == "bnbench" and r["row"] == "NBS=2")
+    assert all(r["value"] == "" for r in rows if r["source"] == "bnbench" and r["row"] == "NBS=2")
     assert "no data" in (tmp_path / "res" / "rethinking" / "table2.md").read_text()
 
 
@@ -250,7 +253,13 @@ def test_experiment_end_to_end_at_smoke_scale(tmp_path, name):
         ours = [r for r in ours if (r["row"], r["column"]) in filled]
         assert len(ours) == len(filled)
     assert bool(ours) == bool(spec.get("evals") or spec.get("curves"))
-    assert all(r[spec["metric"]] for r in ours)  # every cell measured
+    assert all(r["value"] and r["metric"] == spec["metric"] for r in ours)  # every cell measured
+    if spec.get("reference"):  # the paper's cells keep the paper's own metric (a detector's AP)
+        book, table = spec["reference"].split("/")
+        theirs = OmegaConf.load(Path(bnbench.__file__).parent / "papers" / f"{book}.yaml")[table]
+        rows = [r for r in csv.DictReader((out / f"{name}.csv").open()) if r["source"] == "paper"]
+        assert {r["metric"] for r in rows} == ({theirs.get("metric", spec["metric"])} if rows
+                                               else set())
     decided = [line for line in md.splitlines() if line.startswith(("- ✔", "- ✗"))]
     assert len(decided) == len(spec.get("claims") or [])
     for label in spec.get("analyses") or {}:

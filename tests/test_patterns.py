@@ -225,7 +225,8 @@ def test_bad_pattern_options_are_one_line_and_write_nothing(tmp_path, overrides,
 
 
 def test_more_classes_than_the_dataset_has_is_one_line(tmp_path):
-    """The class count is the data's (known once it is built): one line, exit status 2."""
+    """The class count is the data's (known once it is built, after Hydra made the run dir):
+    one line, exit status 2, and no run dir left behind."""
     proc = _bnbench(tmp_path, "train", "dataset.num_classes=3", "dataset.num_train=60",
                     "dataset.num_val=30", "dataset.resolution=8", "trainer.batch_size=16",
                     "norm=ghost", "norm.nbs=8", "trainer.batch_pattern=class_pairs",
@@ -236,3 +237,4 @@ def test_more_classes_than_the_dataset_has_is_one_line(tmp_path):
     assert lines[0].startswith("bnbench: error: trainer.batch_pattern=class_pairs: a group of 8 "
                                "samples needs 4 classes with two images each, but the training "
                                "images have 3")
+    assert not (tmp_path / "run").exists()

@@ -27,11 +27,14 @@ Memory: on CUDA, the peak allocation of one iteration above what was allocated b
 the bytes autograd saves for backward (unique storages, parameters and buffers excluded) plus the
 output. Cost references ``cbn_floor`` and ``cbn_official_jac`` (step only): the BN model plus only
 the Jacobian work of an exact CBN (one weight-gradient conv per conv, the notes' method) or of the
-official code (two ``autograd.grad`` passes per conv).
+official code (two ``autograd.grad`` passes per conv); ``cbn_floor:nbs=8`` is that floor for 8
+simulated devices (GhostBN statistics and one grouped weight-gradient conv over the batch).
 
 Simulated devices: a row of a per-device variant with ``nbs`` (``cbn:nbs=8``: 8 devices of the
-default batch of 64) also gets its step ratio over the ratio of the same variant without ``nbs``
-(one device), ``step.vs_one_device`` and a note: each ratio against its own interleaved baseline.
+default batch of 64), or of ``cbn_floor``, also gets its step ratio over the ratio of the same
+variant without ``nbs`` (one device), ``step.vs_one_device`` and a note: each ratio against its
+own interleaved baseline. ``cbn_floor:nbs=8`` over ``cbn_floor`` is the least such ratio an exact
+per-device CBN can have.
 
 States: the baseline's BN layers get a large ``num_batches_tracked``, which ``convert`` copies, so
 BRN runs past its warm-up (r_max/d_max at their final values) and CBN past burn-in, its window
@@ -82,7 +85,7 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 #: The default variant list (``name`` or ``name:key=value:…``), in table order.
 DEFAULT_VARIANTS = ("bn", "ghost", "ghost:nbs=2", "syncbn", "frozen", "batch_eval", "brn", "gn",
                     "ln", "in", "cbn", "cbn:nbs=8", "cbn:jacobian_dtype=bfloat16", "naive_cbn",
-                    "cbn_floor", "cbn_official_jac", "domain")
+                    "cbn_floor", "cbn_floor:nbs=8", "cbn_official_jac", "domain")
 #: Cost references for CBN (step only): the BN model plus the Jacobian work of an exact CBN.
 REFERENCES = {
     "cbn_floor": "cost reference: BN + one weight-gradient conv per conv (∂σ²/∂W, the notes' "
@@ -244,9 +247,14 @@ def parse_variants(text: str | None) -> list[Variant]:
             raise BnbenchError(f"--variants {text!r}: empty variant name")
         name, *pairs = item.split(":")
         if name in REFERENCES:
-            if pairs:
-                raise BnbenchError(f"--variants: {item!r}: {name} takes no options")
-            variants.append(Variant(item, name, {}))
+            nbs = [p for p in pairs if p.startswith("nbs=")] if name == "cbn_floor" else []
+            if len(pairs) != len(nbs) or len(nbs) > 1:
+                raise BnbenchError(f"--variants: {item!r}: {name} takes "
+                                   + ("only nbs=N" if name == "cbn_floor" else "no options"))
+            options = {"nbs": _value(nbs[0].partition("=")[2])} if nbs else {}
+            if options and not (isinstance(options["nbs"], int) and options["nbs"] > 0):
+                raise BnbenchError(f"--variants: {item!r}: nbs must be a positive integer")
+            variants.append(Variant(item, name, options))
             continue
         if name not in norm.NORMS:
             raise BnbenchError(f"--variants: unknown variant {name!r}; choose from "
@@ -365,25 +373,42 @@ def convert_variant(module: nn.Module, variant: Variant) -> nn.Module:
     from bnbench import norm
 
     if variant.name in REFERENCES:
-        return with_jacobian_work(module, variant.name)
+        nbs = variant.options.get("nbs")
+        if nbs:  # simulated devices: their statistics are GhostBN's
+            module = norm.convert(module, "ghost", nbs=nbs)
+        return with_jacobian_work(module, variant.name, nbs)
     return norm.convert(module, variant.name, **variant.options)
 
 
-def with_jacobian_work(model: nn.Module, kind: str) -> nn.Module:
-    """``model`` (BN) with the Jacobian work of a CBN layer after every conv, results unused:
-    ``"cbn_floor"`` one weight-gradient conv for ``∂y = y`` (the cost of ``∂σ²/∂W``),
-    ``"cbn_official_jac"`` the official code's ``torch.autograd.grad`` of the per-channel
-    ``μ = E[y]`` and ``ν = E[y²]`` w.r.t. the conv weight (``grad_outputs`` = ones)."""
+@torch.no_grad()
+def floor_jacobian(conv: nn.Conv2d, x: Tensor, y: Tensor, nbs: int | None = None) -> Tensor:
+    """``Σ_p y_j(p)·patch(p)`` ``(G·C_out, C_in/groups·kh·kw)`` of ``conv`` (input ``x``, output
+    ``y``) per device of ``nbs`` samples (``G = N/nbs``; one device without ``nbs``): the
+    weight gradient for ``∂y = y``, ``∂σ²/∂W`` up to its scale and centring, as one
+    convolution grouped by device."""
     from torch.nn.grad import conv2d_weight
 
+    from bnbench.norm.base import to_groups
+
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":  # pad as the conv does
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    devices = x.shape[0] // nbs if nbs else 1
+    shape = (devices * conv.out_channels, *conv.weight.shape[1:])
+    return conv2d_weight(to_groups(x, devices), shape, to_groups(y, devices), conv.stride,
+                         padding, conv.dilation, devices * conv.groups)
+
+
+def with_jacobian_work(model: nn.Module, kind: str, nbs: int | None = None) -> nn.Module:
+    """``model`` (BN, or GhostBN with ``nbs``) with the Jacobian work of a CBN layer after
+    every conv, results unused: ``"cbn_floor"`` one weight-gradient conv for ``∂y = y`` (the
+    cost of ``∂σ²/∂W``; with ``nbs``, per device of ``nbs`` samples as one grouped conv over
+    the batch), ``"cbn_official_jac"`` the official code's ``torch.autograd.grad`` of the
+    per-channel ``μ = E[y]`` and ``ν = E[y²]`` w.r.t. the conv weight (``grad_outputs`` =
+    ones)."""
     def floor(conv: nn.Conv2d, args: tuple, y: Tensor) -> None:
-        x, padding = args[0], conv.padding
-        if isinstance(padding, str) or conv.padding_mode != "zeros":  # pad as the conv does
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
-        with torch.no_grad():
-            conv2d_weight(x, conv.weight.shape, y, conv.stride, padding, conv.dilation,
-                          conv.groups)
+        floor_jacobian(conv, args[0], y, nbs)
 
     def official(conv: nn.Conv2d, args: tuple, y: Tensor) -> None:
         if not (torch.is_grad_enabled() and y.requires_grad):
@@ -761,7 +786,7 @@ def compare_devices(rows: dict[str, dict[str, Any]], batch: int) -> None:
         nbs = options.pop("nbs", None)
         one = next((r for r in rows.values() if r["name"] == row["name"]
                     and r["options"] == options), None)
-        if nbs is None or row["name"] not in PER_DEVICE or one is None:
+        if nbs is None or row["name"] not in (*PER_DEVICE, "cbn_floor") or one is None:
             continue
         step, one_step = row["step"] or {}, one["step"] or {}
         if "ratio" not in step or "ratio" not in one_step:

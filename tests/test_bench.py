@@ -161,11 +161,14 @@ def test_nbs_rows_are_compared_with_their_one_device_row():
         row("ghost(nbs=8)", "ghost", {"nbs": 8}, 1.1),  # not per device
         row("naive_cbn(window=4,nbs=8)", "naive_cbn", {"window": 4, "burnin": 0, "nbs": 8}, 1.5),
         row("brn", "brn", {}), row("brn(nbs=8)", "brn", {"nbs": 8}, 1.2),  # brn: no step
+        row("cbn_floor", "cbn_floor", {}, 1.2), row("cbn_floor(nbs=8)", "cbn_floor", {"nbs": 8},
+                                                    1.5),
     ]}
     bench.compare_devices(rows, 64)
     cbn = rows["cbn(window=4,nbs=8)"]
     assert cbn["step"]["vs_one_device"] == pytest.approx(1.25)
     assert cbn["notes"] == ["step 1.25× cbn(window=4) (8 devices of 8 vs one of 64)"]
+    assert rows["cbn_floor(nbs=8)"]["step"]["vs_one_device"] == pytest.approx(1.25)
     for label in ("cbn(window=4)", "ghost(nbs=8)", "naive_cbn(window=4,nbs=8)", "brn(nbs=8)"):
         assert "vs_one_device" not in (rows[label]["step"] or {}) and not rows[label]["notes"]
 
@@ -200,6 +203,27 @@ def test_cbn_cost_references_do_the_jacobian_work_and_change_nothing(kind, per_c
         torch.testing.assert_close(p.grad, p0.grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, padding=1, bias=False),
+                                  nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+                                  nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect")])
+def test_cbn_floor_per_device_is_each_devices_weight_gradient(conv):
+    """``cbn_floor:nbs=2``'s one grouped convolution equals, device by device, the autograd
+    weight gradient of ``½ Σ y²`` (∂y = y) over that device's samples alone."""
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
+    conv = conv.double()
+    y = conv(x).detach()
+    got = bench.floor_jacobian(conv, x, y, nbs=2)
+    want = []
+    for part in x.split(2):
+        conv.zero_grad()
+        out = conv(part)
+        out.backward(out.detach())  # ∂(½ Σ y²)/∂W = Σ_p y(p)·patch(p)
+        want.append(conv.weight.grad.reshape(conv.out_channels, -1).clone())
+    torch.testing.assert_close(got.reshape(3 * conv.out_channels, -1), torch.cat(want))
+    torch.testing.assert_close(bench.floor_jacobian(conv, x, y),
+                               bench.floor_jacobian(conv, x, y, nbs=6))  # one device
+
+
 # -- command line ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,needle", [
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -215,7 +239,9 @@ def test_cbn_cost_references_do_the_jacobian_work_and_change_nothing(kind, per_c
     (["--variants", "ghost:kernel=eager"], "kernel"),
     (["--variants", "ghost:nbs"], "options are key=value"),
     (["--variants", "ghost,ghost:nbs=4"], "ghost(nbs=4) is listed more than once"),
-    (["--variants", "cbn_floor:window=2"], "cbn_floor takes no options"),
+    (["--variants", "cbn_floor:window=2"], "cbn_floor takes only nbs=N"),
+    (["--variants", "cbn_floor:nbs=0"], "nbs must be a positive integer"),
+    (["--variants", "cbn_official_jac:nbs=2"], "cbn_official_jac takes no options"),
     (["--model-arch", "vgg"], "--model-arch vgg: choose one of"),
     (["--no-layer", "--no-model", "--no-first-step", "--no-precise"], "nothing to measure"),
 ])

@@ -317,6 +317,11 @@ def _check_crops(cfg: DictConfig) -> None:
         raise BnbenchError(f"model.crops.backbone_norm={crops.backbone_norm}: choose one of "
                            f"{', '.join(BATCH_FREE)}; the backbone is batch-free (as the paper's "
                            "FrozenBN one), the run's norm and its batches are the head's")
+    if cfg.norm.name in ("cbn", "naive_cbn"):
+        raise BnbenchError(f"norm={cfg.norm.name} with model.head=crops: not supported (the "
+                           "head regroups each image's crops before its norm layers, and CBN's "
+                           "window and Jacobians are kept per conv output); Table 6 compares "
+                           "norm=bn, ghost, syncbn and gn, with or without model.crops.shuffle")
     batch_free = cfg.norm.name in BATCH_FREE
     if not crops.normalize and not batch_free:
         raise BnbenchError(f"model.crops.normalize=false: the head has no normalization, so "

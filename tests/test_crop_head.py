@@ -400,6 +400,8 @@ def test_plan_of_the_crop_head():
     (["norm=gn", "model.crops.shuffle=true"], "model.crops.shuffle=true: the head has no batch"),
     (["model.crops.normalize=false"], "model.crops.normalize=false: the head has no norm"),
     (["model.head=crop"], "model.head=crop: choose one of pool, fpn, crops"),
+    (["norm=cbn"], "norm=cbn with model.head=crops: not supported"),
+    (["norm=naive_cbn"], "norm=naive_cbn with model.head=crops: not supported"),
 ])
 def test_bad_crop_head_inputs_are_one_line(args, needle, capsys, tmp_path):
     """Refused at config time: exit 2, one ``bnbench: error:`` line, no run dir."""

@@ -303,11 +303,14 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
     ],
 )
 def test_bad_runtime_inputs_are_one_line(args, needle, tmp_path):
+    """Found once the data or model is built (Hydra has made the run dir): one line, and the
+    run dir is gone (nothing was trained in it)."""
     out = run_cli("train", *TINY, *args, "hydra.run.dir=run", cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("bnbench: error: ") and needle in last, out.stderr
     assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("in_memory", [True, False])

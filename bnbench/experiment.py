@@ -433,15 +433,17 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def record(exp: Experiment, outcomes: list[Outcome], argv: list[str], seconds: float) -> Path:
+def record(exp: Experiment, outcomes: list[Outcome], argv: list[str], seconds: float,
+           commit: str) -> Path:
     """``experiment.json`` in the experiment directory: what ran, where, how long (the report's
-    header); appended to on every invocation."""
+    header); appended to on every invocation. ``commit``: the checkout's when the invocation
+    started (the code it imported), not when it ended."""
     exp.directory.mkdir(parents=True, exist_ok=True)
     path = exp.directory / "experiment.json"
     history = json.loads(path.read_text())["invocations"] if path.exists() else []
     history.append({
         "command": shlex.join(["bnbench", "experiment", *argv]),
-        "git": git_commit(),
+        "git": commit,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "wall_s": round(seconds, 1),
@@ -484,9 +486,9 @@ def main(argv: list[str]) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name, overrides = argv[0], argv[1:]
     exp = load(name, overrides)
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_commit()
     outcomes = execute(exp)
-    record(exp, outcomes, argv, time.perf_counter() - start)
+    record(exp, outcomes, argv, time.perf_counter() - start, commit)
     from bnbench.report import write_report
 
     paths = write_report(exp)

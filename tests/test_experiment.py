@@ -305,3 +305,22 @@ def test_a_sweep_table_pivots_runs_into_rows_and_columns(tmp_path, records_by_op
     cells = our_cells(exp)
     assert {r: {c: v.mean for c, v in cols.items()} for r, cols in cells.items()} == {
         "bn": {"32": 20.0, "2": 40.0}, "gn": {"32": 30.0, "2": 30.0}}
+
+
+def test_the_recorded_commit_is_the_one_the_invocation_started_at(tmp_path, monkeypatch):
+    """A commit made while a long experiment runs does not relabel it: the invocation ran the
+    code it imported at its start."""
+    from bnbench import experiment, report
+
+    heads = iter(["aaaaaaa", "bbbbbbb"])
+    monkeypatch.setattr(experiment, "git_commit", lambda: next(heads))
+
+    def run_while_a_commit_lands(exp):
+        experiment.git_commit()  # HEAD moves on during the run
+        return []
+
+    monkeypatch.setattr(experiment, "execute", run_while_a_commit_lands)
+    monkeypatch.setattr(report, "write_report", lambda exp: [tmp_path / "r.md"])
+    assert experiment.main(["rethinking/table2", "scale=smoke", f"root={tmp_path}"]) == 0
+    (path,) = tmp_path.glob("rethinking/table2/smoke/experiment.json")
+    assert [i["git"] for i in json.loads(path.read_text())["invocations"]] == ["aaaaaaa"]

@@ -303,8 +303,11 @@ def check_claims(exp: Experiment, cells: Cells,
             delta = round(delta, 9) + 0.0  # (no "-0.00" from rounding noise)
             numbers += f"; Δ = {'+' if delta > 0 else ''}{_num(delta)}" + (
                 f" (margin {margin:g})" if margin else "")
-            if spread and not delta > spread:
+            if spread and abs(delta) <= spread:
                 numbers += f"; within 2× the spread of seeds or subsets ({_num(spread)})"
+            elif spread and delta < 0:
+                numbers += ("; the opposite, beyond 2× the spread of seeds or subsets "
+                            f"({_num(spread)})")
         out.append({"text": claim["text"], "holds": holds, "numbers": numbers})
     return out
 

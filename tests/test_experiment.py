@@ -281,7 +281,15 @@ def test_a_single_run_takes_the_scales_measured_seed_spread(tmp_path, records_by
                          tmp_path, tmp_path / "res")
         across, paired = check_claims(exp, our_cells(exp))
         assert across["holds"] is holds, across
+        assert ("within 2× the spread" in across["numbers"]) is not holds
         assert paired["holds"] is True, paired  # one model evaluated twice: no seed floor
+    spec["claims"] = [{"text": "A beats B", "better": ["A", "EMA"], "worse": ["B", "EMA"]}]
+    exp = Experiment("paper/x", "smoke", spec, {"train": [], "seed_spread": 1.0}, tmp_path,
+                     tmp_path / "res")
+    (reverse,) = check_claims(exp, our_cells(exp))  # Δ = −3: the opposite, beyond the noise
+    assert reverse["holds"] is False
+    assert reverse["numbers"].endswith("; the opposite, beyond 2× the spread of seeds or subsets "
+                                       "(2.00)"), reverse
 
 
 def test_a_sweep_table_pivots_runs_into_rows_and_columns(tmp_path, records_by_options):

@@ -228,13 +228,16 @@ RUN_ELSEWHERE = {"rethinking/table2", "rethinking/a8"}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in known() if n not in RUN_ELSEWHERE])
-def test_experiment_end_to_end_at_smoke_scale(tmp_path, name):
+def test_experiment_end_to_end_at_smoke_scale(tmp_path, name, monkeypatch, capsys):
     """Every experiment runs at ``scale=smoke``: its report holds every cell, a figure, and a
-    decision for every claim."""
+    decision for every claim. In this process, as ``bnbench experiment`` runs its jobs (one
+    torch import per test worker; the table2 test above runs the command itself)."""
     from bnbench.experiment import load
 
-    proc = _bnbench(tmp_path, "experiment", name, "scale=smoke", "root=exp", "results=res")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BNBENCH_CACHE", str(tmp_path / "cache"))
+    code = cli.main(["experiment", name, "scale=smoke", "root=exp", "results=res"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     paper, name = name.split("/")
     out = tmp_path / "res" / paper
     md = (out / f"{name}.md").read_text()

@@ -389,11 +389,9 @@ def floor_jacobian(conv: nn.Conv2d, x: Tensor, y: Tensor, nbs: int | None = None
     from torch.nn.grad import conv2d_weight
 
     from bnbench.norm.base import to_groups
+    from bnbench.norm.cbn import padded_input
 
-    padding = conv.padding
-    if isinstance(padding, str) or conv.padding_mode != "zeros":  # pad as the conv does
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    x, padding = padded_input(conv, x)  # padded as the conv pads
     devices = x.shape[0] // nbs if nbs else 1
     shape = (devices * conv.out_channels, *conv.weight.shape[1:])
     return conv2d_weight(to_groups(x, devices), shape, to_groups(y, devices), conv.stride,

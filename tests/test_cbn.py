@@ -23,15 +23,6 @@ from bnbench.norm.cbn import CBN_OPTIONS, CrossIterationBatchNorm2d, pair_convs,
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread avoids OpenMP wake-up stalls on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(cin=3, cout=4, k=3, stride=1, padding=1, *, bias=False, groups=1, padding_mode="zeros",
           dilation=1, dtype=D, seed=0, **options):
     torch.manual_seed(seed)

@@ -34,15 +34,6 @@ LEVELS = [2, 3, 4]  # 8×8, 4×4, 2×2 for 16×16 inputs (small-input stem)
 MODES = ("domain", "shared")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread avoids OpenMP wake-up stalls on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fpn(backbone_norm: str = "bn", seed: int = 0, **fpn_options) -> FPNClassifier:
     """A float64 FPN classifier on a 1/8-width ResNet-18 built from config, as the trainer
     builds it; the head's norm layers get random affine parameters (per slot where per level)."""
